@@ -1,0 +1,2 @@
+//! The proxy (being written).
+pub mod protocol;
