@@ -1,8 +1,19 @@
 //! deploy-agent: the one-host rollout engine.
 //!
-//! See ARCHITECTURE.md at the repository root for the map.
+//! See ARCHITECTURE.md at the repository root for the map. In short:
+//! [`rollout`] and [`health`] are the pure core; [`engine`] drives them
+//! against [`docker`], [`proxy`] and [`store`]; [`daemon`] and the CLI are
+//! two doors into the same engine.
 pub mod compose;
+pub mod config;
+pub mod daemon;
+pub mod docker;
+pub mod engine;
+pub mod health;
+pub mod local_client;
+pub mod lock;
 pub mod proxy;
+pub mod rollout;
 pub mod spec;
 pub mod store;
 pub mod wire;

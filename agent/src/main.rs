@@ -1,1 +1,504 @@
-fn main() {}
+//! `deploy-agent`: the CLI, the control daemon and the proxy, in one binary.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use deploy_agent::config::{AgentConfig, DEFAULT_CONFIG, DEFAULT_STATE_DIR};
+use deploy_agent::engine::{Engine, OpError};
+use deploy_agent::store::{AuditVerification, Store};
+use deploy_agent::wire::{
+    DeployRequest, Event, HistoryEntry, OperationResult, Outcome, RollbackRequest, StatusReport,
+    exit,
+};
+use deploy_agent::{daemon, local_client, proxy};
+
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("DEPLOY_GIT_COMMIT"), ")");
+
+#[derive(Parser)]
+#[command(name = "deploy-agent", version = VERSION, about = "Health-gated, zero-downtime deploys of compose projects on this host")]
+struct Cli {
+    /// Where the agent keeps its state, sockets and locks.
+    #[arg(long, global = true, env = "DEPLOY_AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Agent configuration file (a missing default file means defaults).
+    #[arg(long, global = true, env = "DEPLOY_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The data path: owns the published ports (run it as its own service).
+    Proxy,
+    /// The control daemon: local API on STATE_DIR/agent.sock, reconciliation.
+    Run,
+    /// Deploy a release of a compose project.
+    Deploy {
+        #[arg(long)]
+        project: String,
+        /// The compose file.
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        release: String,
+        /// Interpolation variable, `K=V` (repeatable). `RELEASE` is set for you.
+        #[arg(long = "var", value_name = "K=V")]
+        vars: Vec<String>,
+        /// Wait this long for another operation on the project to finish.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        lock_wait: Option<std::time::Duration>,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a retained release back (default: the previous one).
+    Rollback {
+        #[arg(long)]
+        project: String,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        lock_wait: Option<std::time::Duration>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which release serves each project, and its containers.
+    Status {
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deploys and rollbacks of a project, newest first.
+    History {
+        #[arg(long)]
+        project: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+    /// Check the agent configuration file and exit.
+    CheckConfig,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the hash chain: detects edited and deleted records.
+    Verify,
+    /// Print records as JSON lines.
+    Export {
+        #[arg(long)]
+        project: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::ENVIRONMENT as u8);
+        }
+    };
+    let code = runtime.block_on(async {
+        match real_main(cli).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                exit::ENVIRONMENT
+            }
+        }
+    });
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn init_logging(service: bool) {
+    use tracing_subscriber::prelude::*;
+    let default = if service { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let registry = tracing_subscriber::registry().with(filter);
+    // Under systemd, structured fields go to journald; elsewhere, stderr.
+    let journald = service && std::env::var_os("JOURNAL_STREAM").is_some();
+    match journald.then(tracing_journald::layer) {
+        Some(Ok(j)) => registry
+            .with(j.with_syslog_identifier("deploy-agent".into()))
+            .init(),
+        _ => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<AgentConfig, i32> {
+    let (path, required) = match path {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    AgentConfig::load(&path, required).map_err(|e| {
+        eprintln!("error: {e}");
+        exit::CONFIG
+    })
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<i32> {
+    let service = matches!(cli.cmd, Cmd::Proxy | Cmd::Run);
+    init_logging(service);
+    let config = match load_config(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let state_dir = cli.state_dir.clone();
+    let sock = state_dir.join("agent.sock");
+    match cli.cmd {
+        Cmd::CheckConfig => {
+            println!(
+                "configuration ok: instance {}, retain {}, {} registr{}",
+                config.instance,
+                config.retain,
+                config.registries.len(),
+                if config.registries.len() == 1 { "y" } else { "ies" }
+            );
+            Ok(exit::SUCCESS)
+        }
+        Cmd::Proxy => {
+            proxy::run(&state_dir, shutdown_signal())
+                .await
+                .context("the proxy stopped")?;
+            Ok(exit::SUCCESS)
+        }
+        Cmd::Run => {
+            let engine = match Engine::open(&state_dir, config).await {
+                Ok(e) => e,
+                Err(e) => return Ok(fail(e)),
+            };
+            daemon::run(engine, &state_dir).await?;
+            Ok(exit::SUCCESS)
+        }
+        Cmd::Deploy {
+            project,
+            file,
+            release,
+            vars,
+            lock_wait,
+            reason,
+            json,
+        } => {
+            let mut var_map = BTreeMap::new();
+            for v in &vars {
+                let Some((k, val)) = v.split_once('=') else {
+                    eprintln!("error: --var {v:?} must be KEY=VALUE");
+                    return Ok(exit::CONFIG);
+                };
+                var_map.insert(k.to_string(), val.to_string());
+            }
+            let compose_text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: cannot read the compose file {}: {e}", file.display());
+                    return Ok(exit::CONFIG);
+                }
+            };
+            let compose_path = std::path::absolute(&file).unwrap_or(file);
+            let req = DeployRequest {
+                project,
+                release,
+                compose_path: compose_path.display().to_string(),
+                compose_text,
+                vars: var_map,
+                lock_wait_ms: lock_wait.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                reason,
+            };
+            let mut printer = Printer::new(json);
+            let via_daemon =
+                local_client::post_operation(&sock, "/v1/deploy", &req, |e| printer.event(e))
+                    .await?;
+            if via_daemon.is_none() {
+                let engine = match Engine::open(&state_dir, config).await {
+                    Ok(e) => e,
+                    Err(e) => return Ok(fail(e)),
+                };
+                let who = daemon::unix_user(nix::unistd::getuid().as_raw());
+                let result = in_process(&mut printer, |tx| async move {
+                    engine.deploy(&req, &who, &tx).await
+                })
+                .await;
+                printer.event(Event::Result(result));
+            }
+            Ok(printer.exit_code())
+        }
+        Cmd::Rollback {
+            project,
+            to,
+            lock_wait,
+            reason,
+            json,
+        } => {
+            let req = RollbackRequest {
+                project,
+                to,
+                lock_wait_ms: lock_wait.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                reason,
+            };
+            let mut printer = Printer::new(json);
+            let via_daemon =
+                local_client::post_operation(&sock, "/v1/rollback", &req, |e| printer.event(e))
+                    .await?;
+            if via_daemon.is_none() {
+                let engine = match Engine::open(&state_dir, config).await {
+                    Ok(e) => e,
+                    Err(e) => return Ok(fail(e)),
+                };
+                let who = daemon::unix_user(nix::unistd::getuid().as_raw());
+                let result = in_process(&mut printer, |tx| async move {
+                    engine.rollback(&req, &who, &tx).await
+                })
+                .await;
+                printer.event(Event::Result(result));
+            }
+            Ok(printer.exit_code())
+        }
+        Cmd::Status { project, json } => {
+            let path = match &project {
+                Some(p) => format!("/v1/status?project={p}"),
+                None => "/v1/status".to_string(),
+            };
+            let report: StatusReport = match local_client::get_json(&sock, &path).await? {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => return Ok(fail(OpError::new(e.outcome, e.message))),
+                None => {
+                    let engine = match Engine::open(&state_dir, config).await {
+                        Ok(e) => e,
+                        Err(e) => return Ok(fail(e)),
+                    };
+                    match engine.status(project.as_deref()).await {
+                        Ok(r) => r,
+                        Err(e) => return Ok(fail(e)),
+                    }
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print_status(&report);
+            }
+            Ok(exit::SUCCESS)
+        }
+        Cmd::History { project, json } => {
+            let store = match open_store(&state_dir) {
+                Ok(s) => s,
+                Err(code) => return Ok(code),
+            };
+            let entries: Vec<HistoryEntry> = store.history(&project, 1000)?;
+            for h in &entries {
+                if json {
+                    println!("{}", serde_json::to_string(h)?);
+                } else {
+                    println!(
+                        "{}  {:<9} {:<12} {:<18} from {:<12} by {}{}",
+                        h.started_at,
+                        h.operation.as_str(),
+                        h.release,
+                        h.outcome.map(Outcome::as_str).unwrap_or("in progress"),
+                        h.previous.as_deref().unwrap_or("-"),
+                        h.who,
+                        h.duration_ms
+                            .map(|d| format!(" ({:.1}s)", d as f64 / 1000.0))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            if entries.is_empty() && !json {
+                println!("no operations recorded for project {project}");
+            }
+            Ok(exit::SUCCESS)
+        }
+        Cmd::Audit { cmd } => {
+            let store = match open_store(&state_dir) {
+                Ok(s) => s,
+                Err(code) => return Ok(code),
+            };
+            match cmd {
+                AuditCmd::Verify => match store.verify_audit()? {
+                    AuditVerification::Intact { records, head } => {
+                        println!("audit log intact: {records} records, head {head}");
+                        Ok(exit::SUCCESS)
+                    }
+                    AuditVerification::Broken { seq, reason } => {
+                        eprintln!("audit log BROKEN at record {seq}: {reason}");
+                        Ok(exit::HEALTH_GATE_FAILED)
+                    }
+                },
+                AuditCmd::Export { project } => {
+                    let mut out = std::io::stdout().lock();
+                    for r in store.audit(project.as_deref(), usize::MAX)? {
+                        writeln!(out, "{}", serde_json::to_string(&r)?)?;
+                    }
+                    Ok(exit::SUCCESS)
+                }
+            }
+        }
+    }
+}
+
+fn open_store(state_dir: &Path) -> Result<Store, i32> {
+    let path = state_dir.join("state.db");
+    if !path.exists() {
+        eprintln!(
+            "error: no state store at {}: nothing was ever deployed with this --state-dir",
+            path.display()
+        );
+        return Err(exit::CONFIG);
+    }
+    Store::open(&path).map_err(|e| {
+        eprintln!("error: {e}");
+        exit::ENVIRONMENT
+    })
+}
+
+fn fail(e: OpError) -> i32 {
+    eprintln!("error: {}", e.message);
+    e.outcome.exit_code()
+}
+
+/// Run an operation in this process, printing its events as they come.
+async fn in_process<F, Fut>(printer: &mut Printer, op: F) -> OperationResult
+where
+    F: FnOnce(tokio::sync::mpsc::UnboundedSender<Event>) -> Fut,
+    Fut: std::future::Future<Output = OperationResult>,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let fut = op(tx);
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            result = &mut fut => {
+                while let Ok(e) = rx.try_recv() {
+                    printer.event(e);
+                }
+                return result;
+            }
+            Some(e) = rx.recv() => printer.event(e),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Prints events: JSON lines, or lines for people (timestamped when not a terminal).
+struct Printer {
+    json: bool,
+    tty: bool,
+    exit: Option<i32>,
+}
+
+impl Printer {
+    fn new(json: bool) -> Printer {
+        Printer {
+            json,
+            tty: std::io::stdout().is_terminal(),
+            exit: None,
+        }
+    }
+
+    fn event(&mut self, e: Event) {
+        if let Event::Result(r) = &e {
+            self.exit = Some(r.exit_code);
+        }
+        if self.json {
+            if let Ok(line) = serde_json::to_string(&e) {
+                println!("{line}");
+            }
+            return;
+        }
+        match e {
+            Event::Progress(p) => {
+                let ts = if self.tty {
+                    String::new()
+                } else {
+                    format!("{} ", p.ts)
+                };
+                let svc = p.service.map(|s| format!("[{s}] ")).unwrap_or_default();
+                println!("{ts}{} {}: {svc}{}", p.project, p.step, p.message);
+            }
+            Event::Result(r) => {
+                let line = format!(
+                    "{} {} of {}: {} in {:.1}s — {}",
+                    r.operation.as_str(),
+                    r.release,
+                    r.project,
+                    r.outcome.as_str(),
+                    r.duration_ms as f64 / 1000.0,
+                    r.message
+                );
+                if r.outcome == Outcome::Succeeded {
+                    println!("{line}");
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+
+    fn exit_code(&self) -> i32 {
+        self.exit.unwrap_or(exit::ENVIRONMENT)
+    }
+}
+
+fn print_status(report: &StatusReport) {
+    if report.projects.is_empty() {
+        println!("no projects deployed on {}", report.host);
+    }
+    for p in &report.projects {
+        println!(
+            "{}: serving {} since {} (previous: {})",
+            p.project,
+            p.current.as_deref().unwrap_or("nothing"),
+            p.since.as_deref().unwrap_or("-"),
+            p.previous.as_deref().unwrap_or("-")
+        );
+        if let Some(op) = &p.operation {
+            println!("  operation in progress: {op}");
+        }
+        for s in &p.services {
+            println!("  {} {}", s.service, s.published.join(", "));
+            for r in &s.replicas {
+                println!("    #{} {} {}", r.replica, r.container, r.state);
+            }
+            if let Some(d) = p.digests.get(&s.service) {
+                println!("    image {d}");
+            }
+        }
+        for d in &p.drift {
+            println!("  drift: {d}");
+        }
+    }
+}

@@ -49,9 +49,13 @@ pub enum ControlRequest {
     /// Create or replace the route for `route.bind`, atomically: every
     /// request or connection accepted after the answer uses the new backends;
     /// those in flight finish on the backend they started on.
-    SetRoute { route: Route },
+    SetRoute {
+        route: Route,
+    },
     /// Stop listening on `bind` (in-flight requests finish).
-    RemoveRoute { bind: SocketAddr },
+    RemoveRoute {
+        bind: SocketAddr,
+    },
     Status,
 }
 

@@ -1,0 +1,136 @@
+//! Schema creation and migration, versioned with `PRAGMA user_version`.
+//!
+//! The daemon and the CLI may open the same file at the same moment (the
+//! first `deploy-agent deploy` on a fresh host races the daemon's start), so
+//! migration runs inside an IMMEDIATE transaction and re-reads the version
+//! once it holds the write lock: whichever process gets there second sees the
+//! work already done.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+/// One entry per schema version; entry `i` takes the schema from version `i`
+/// to `i + 1`. Never edit a released entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // v1
+    r#"
+    CREATE TABLE releases (
+        project        TEXT NOT NULL,
+        release        TEXT NOT NULL,
+        created_at     TEXT NOT NULL,
+        state          TEXT NOT NULL,
+        spec_json      TEXT NOT NULL,
+        digests_json   TEXT NOT NULL,
+        image_ids_json TEXT NOT NULL,
+        PRIMARY KEY (project, release)
+    ) STRICT;
+
+    CREATE TABLE serving (
+        project  TEXT PRIMARY KEY NOT NULL,
+        current  TEXT,
+        previous TEXT,
+        since    TEXT
+    ) STRICT;
+
+    CREATE TABLE operations (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind        TEXT NOT NULL,
+        project     TEXT NOT NULL,
+        release     TEXT NOT NULL,
+        previous    TEXT,
+        who         TEXT NOT NULL,
+        reason      TEXT,
+        started_at  TEXT NOT NULL,
+        step        TEXT,
+        state_json  TEXT,
+        finished_at TEXT,
+        outcome     TEXT,
+        message     TEXT,
+        duration_ms INTEGER
+    ) STRICT;
+    CREATE INDEX operations_by_project ON operations (project, id);
+    CREATE INDEX operations_open ON operations (id) WHERE finished_at IS NULL;
+
+    CREATE TABLE images (
+        image_id        TEXT PRIMARY KEY NOT NULL,
+        reference       TEXT NOT NULL,
+        pulled_by_agent INTEGER NOT NULL,
+        first_seen      TEXT NOT NULL
+    ) STRICT;
+
+    -- seq is assigned by append_audit (last + 1), not by AUTOINCREMENT, so
+    -- that a gap always means a deletion.
+    CREATE TABLE audit (
+        seq         INTEGER PRIMARY KEY NOT NULL,
+        ts          TEXT NOT NULL,
+        who         TEXT NOT NULL,
+        action      TEXT NOT NULL,
+        project     TEXT,
+        release     TEXT,
+        outcome     TEXT,
+        duration_ms INTEGER,
+        reason      TEXT,
+        detail      TEXT NOT NULL,
+        prev_hash   TEXT NOT NULL,
+        hash        TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX audit_by_project ON audit (project, seq);
+
+    -- Defence in depth only: anyone with write access to the file can drop
+    -- these, which is why the records are hash-chained as well.
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    BEGIN
+        SELECT RAISE(ABORT, 'the audit log is append-only: records cannot be modified');
+    END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    BEGIN
+        SELECT RAISE(ABORT, 'the audit log is append-only: records cannot be deleted');
+    END;
+    "#,
+];
+
+/// The schema version this build writes.
+pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Why a migration did not happen.
+pub(crate) enum MigrateError {
+    /// The file was written by a newer build; touching it could lose data.
+    TooNew { found: i64 },
+    Sqlite {
+        version: i64,
+        source: rusqlite::Error,
+    },
+}
+
+fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+}
+
+/// Brings the schema up to [`SCHEMA_VERSION`].
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
+    let sqlite = |version| move |source| MigrateError::Sqlite { version, source };
+    // Fast path without the write lock: an up-to-date store (the normal case)
+    // must not make every CLI invocation queue behind the daemon's writes.
+    let found = user_version(conn).map_err(sqlite(0))?;
+    if found == SCHEMA_VERSION {
+        return Ok(());
+    }
+    if found > SCHEMA_VERSION {
+        return Err(MigrateError::TooNew { found });
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sqlite(found + 1))?;
+    let found = user_version(&tx).map_err(sqlite(found + 1))?;
+    if found > SCHEMA_VERSION {
+        return Err(MigrateError::TooNew { found });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        let version = i as i64 + 1;
+        tx.execute_batch(sql).map_err(sqlite(version))?;
+        // user_version lives in the database header, so setting it inside the
+        // transaction commits atomically with the schema change.
+        tx.pragma_update(None, "user_version", version)
+            .map_err(sqlite(version))?;
+    }
+    tx.commit().map_err(sqlite(SCHEMA_VERSION))
+}
