@@ -65,7 +65,10 @@ pub async fn run(engine: Engine, state_dir: &Path) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).map_err(|e| {
-        anyhow::anyhow!("cannot listen on {}: {e}; check --state-dir", sock.display())
+        anyhow::anyhow!(
+            "cannot listen on {}: {e}; check --state-dir",
+            sock.display()
+        )
     })?;
     {
         use std::os::unix::fs::PermissionsExt;
@@ -120,12 +123,9 @@ pub async fn run(engine: Engine, state_dir: &Path) -> anyhow::Result<()> {
         })
     };
 
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<Peer>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     reconciler.abort();
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     // Let operations in progress reach their end (each step is persisted, so
@@ -229,7 +229,10 @@ async fn status(State(state): State<Arc<AppState>>, Query(q): Query<ProjectQuery
 
 async fn history(State(state): State<Arc<AppState>>, Query(q): Query<ProjectQuery>) -> Response {
     let Some(project) = q.project else {
-        return api_error(OpError::new(Outcome::ConfigError, "history needs ?project="));
+        return api_error(OpError::new(
+            Outcome::ConfigError,
+            "history needs ?project=",
+        ));
     };
     match state.engine.store.history(&project, 1000) {
         Ok(h) => Json(h).into_response(),

@@ -306,7 +306,12 @@ impl DockerClient {
             user: s.user.clone(),
             working_dir: s.working_dir.clone(),
             healthcheck,
-            exposed_ports: Some(s.ports.iter().map(|p| format!("{}/tcp", p.target)).collect()),
+            exposed_ports: Some(
+                s.ports
+                    .iter()
+                    .map(|p| format!("{}/tcp", p.target))
+                    .collect(),
+            ),
             stop_timeout: Some(i64::try_from(s.stop_grace_period.as_secs()).unwrap_or(i64::MAX)),
             host_config: Some(HostConfig {
                 mounts: Some(mounts),
@@ -362,7 +367,10 @@ impl DockerClient {
         let t = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
         match self
             .docker
-            .stop_container(name, Some(StopContainerOptionsBuilder::default().t(t).build()))
+            .stop_container(
+                name,
+                Some(StopContainerOptionsBuilder::default().t(t).build()),
+            )
             .await
         {
             Ok(()) => Ok(()),
@@ -392,10 +400,7 @@ impl DockerClient {
             Err(e) => return Err(DockerError::api(format!("inspect container {name}"), e)),
         };
         let state = c.state.unwrap_or_default();
-        let labels = c
-            .config
-            .and_then(|cfg| cfg.labels)
-            .unwrap_or_default();
+        let labels = c.config.and_then(|cfg| cfg.labels).unwrap_or_default();
         let ip = c
             .network_settings
             .and_then(|n| n.networks)
@@ -418,15 +423,12 @@ impl DockerClient {
             exit_code: state.exit_code.unwrap_or(0),
             restart_count: c.restart_count.unwrap_or(0),
             started_at: state.started_at.unwrap_or_default(),
-            health: state
-                .health
-                .and_then(|h| h.status)
-                .map(|s| match s {
-                    HealthStatusEnum::HEALTHY => "healthy".to_string(),
-                    HealthStatusEnum::UNHEALTHY => "unhealthy".to_string(),
-                    HealthStatusEnum::STARTING => "starting".to_string(),
-                    other => format!("{other:?}").to_lowercase(),
-                }),
+            health: state.health.and_then(|h| h.status).map(|s| match s {
+                HealthStatusEnum::HEALTHY => "healthy".to_string(),
+                HealthStatusEnum::UNHEALTHY => "unhealthy".to_string(),
+                HealthStatusEnum::STARTING => "starting".to_string(),
+                other => format!("{other:?}").to_lowercase(),
+            }),
             ip,
             labels,
         }))
@@ -507,9 +509,7 @@ pub fn split_reference(image: &str) -> (String, String) {
 /// The registry a repository lives in, as Docker decides it.
 pub fn registry_host(repo: &str) -> String {
     match repo.split_once('/') {
-        Some((first, _))
-            if first.contains('.') || first.contains(':') || first == "localhost" =>
-        {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
             first.to_string()
         }
         _ => "docker.io".to_string(),

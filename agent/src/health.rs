@@ -162,8 +162,14 @@ mod tests {
     fn flapping_after_a_success_fails_after_unhealthy_after() {
         let mut g = HealthGate::new(settings(http()));
         g.observe(ms(1000), ProbeResult::Success);
-        assert_eq!(g.observe(ms(1100), ProbeResult::Failure("500".into())), Verdict::Pending);
-        assert_eq!(g.observe(ms(1200), ProbeResult::Failure("500".into())), Verdict::Pending);
+        assert_eq!(
+            g.observe(ms(1100), ProbeResult::Failure("500".into())),
+            Verdict::Pending
+        );
+        assert_eq!(
+            g.observe(ms(1200), ProbeResult::Failure("500".into())),
+            Verdict::Pending
+        );
         match g.observe(ms(1300), ProbeResult::Failure("500".into())) {
             Verdict::Unhealthy(m) => assert!(m.starts_with("3 consecutive"), "{m}"),
             v => panic!("expected unhealthy, got {v:?}"),
@@ -175,7 +181,10 @@ mod tests {
         let mut g = HealthGate::new(settings(http()));
         g.observe(ms(0), ProbeResult::Success);
         for t in [100, 200, 300, 400, 500] {
-            assert_eq!(g.observe(ms(t), ProbeResult::Failure("x".into())), Verdict::Pending);
+            assert_eq!(
+                g.observe(ms(t), ProbeResult::Failure("x".into())),
+                Verdict::Pending
+            );
         }
     }
 
@@ -184,7 +193,10 @@ mod tests {
         let mut g = HealthGate::new(settings(http()));
         g.observe(ms(0), ProbeResult::Success);
         assert_eq!(
-            g.observe(ms(10), ProbeResult::ContainerDown("exited with code 1".into())),
+            g.observe(
+                ms(10),
+                ProbeResult::ContainerDown("exited with code 1".into())
+            ),
             Verdict::Unhealthy("exited with code 1".into())
         );
     }

@@ -123,7 +123,8 @@ pub async fn get_json<T: DeserializeOwned>(
         .map_err(|e| err(e.to_string()))?
         .to_bytes();
     if ok {
-        let v = serde_json::from_slice(&bytes).map_err(|e| err(format!("unexpected answer: {e}")))?;
+        let v =
+            serde_json::from_slice(&bytes).map_err(|e| err(format!("unexpected answer: {e}")))?;
         Ok(Some(Ok(v)))
     } else {
         let e: ApiError = serde_json::from_slice(&bytes)

@@ -116,13 +116,15 @@ impl HostLock {
         Ok(Some(HostLock { _file: file, path }))
     }
 
-    /// Who holds the lock now, if anyone wrote it.
+    /// Who holds the lock now; `None` when nobody does (the file keeps the
+    /// last holder's name after it is released, so check the lock itself).
     pub fn holder(state_dir: &Path, project: &str) -> Option<LockOwner> {
+        let mut file = File::open(lock_path(state_dir, project)).ok()?;
+        if file.try_lock_shared().is_ok() {
+            return None;
+        }
         let mut text = String::new();
-        File::open(lock_path(state_dir, project))
-            .ok()?
-            .read_to_string(&mut text)
-            .ok()?;
+        file.read_to_string(&mut text).ok()?;
         serde_json::from_str(&text).ok()
     }
 
@@ -165,8 +167,14 @@ mod tests {
     #[tokio::test]
     async fn other_projects_are_independent() {
         let dir = tempfile::tempdir().unwrap();
-        let _a = HostLock::acquire(dir.path(), "a", &owner("x"), None).await.unwrap();
-        assert!(HostLock::acquire(dir.path(), "b", &owner("y"), None).await.is_ok());
+        let _a = HostLock::acquire(dir.path(), "a", &owner("x"), None)
+            .await
+            .unwrap();
+        assert!(
+            HostLock::acquire(dir.path(), "b", &owner("y"), None)
+                .await
+                .is_ok()
+        );
     }
 
     #[tokio::test]
@@ -177,7 +185,13 @@ mod tests {
             .unwrap();
         let path = dir.path().to_path_buf();
         let waiter = tokio::spawn(async move {
-            HostLock::acquire(&path, "web", &owner("second"), Some(Duration::from_secs(10))).await
+            HostLock::acquire(
+                &path,
+                "web",
+                &owner("second"),
+                Some(Duration::from_secs(10)),
+            )
+            .await
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(held);
@@ -187,5 +201,6 @@ mod tests {
             Some("second".to_string())
         );
         drop(got);
+        assert_eq!(HostLock::holder(dir.path(), "web"), None, "released");
     }
 }

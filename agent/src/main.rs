@@ -16,7 +16,12 @@ use deploy_agent::wire::{
 };
 use deploy_agent::{daemon, local_client, proxy};
 
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("DEPLOY_GIT_COMMIT"), ")");
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("DEPLOY_GIT_COMMIT"),
+    ")"
+);
 
 #[derive(Parser)]
 #[command(name = "deploy-agent", version = VERSION, about = "Health-gated, zero-downtime deploys of compose projects on this host")]
@@ -108,7 +113,10 @@ enum AuditCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -140,7 +148,11 @@ fn init_logging(service: bool) {
             .with(j.with_syslog_identifier("deploy-agent".into()))
             .init(),
         _ => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal()),
+            )
             .init(),
     }
 }
@@ -172,7 +184,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 config.instance,
                 config.retain,
                 config.registries.len(),
-                if config.registries.len() == 1 { "y" } else { "ies" }
+                if config.registries.len() == 1 {
+                    "y"
+                } else {
+                    "ies"
+                }
             );
             Ok(exit::SUCCESS)
         }
@@ -210,7 +226,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
             let compose_text = match std::fs::read_to_string(&file) {
                 Ok(t) => t,
                 Err(e) => {
-                    eprintln!("error: cannot read the compose file {}: {e}", file.display());
+                    eprintln!(
+                        "error: cannot read the compose file {}: {e}",
+                        file.display()
+                    );
                     return Ok(exit::CONFIG);
                 }
             };

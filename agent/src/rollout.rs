@@ -235,7 +235,8 @@ impl Rollout {
             if let (Observation::Failed { reason, .. }, Some(step)) =
                 (&obs, self.undo.get(self.undo_cursor))
             {
-                self.warnings.push(format!("{} failed: {reason}", describe(step)));
+                self.warnings
+                    .push(format!("{} failed: {reason}", describe(step)));
             }
             if self.undo_cursor < self.undo.len() {
                 self.undo_cursor += 1;
@@ -249,7 +250,8 @@ impl Rollout {
             Observation::Succeeded => self.cursor += 1,
             Observation::Failed { reason, .. } if self.cursor > self.commit_at => {
                 // Past the point of no return: the target serves; report and go on.
-                self.warnings.push(format!("{} failed: {reason}", describe(&step)));
+                self.warnings
+                    .push(format!("{} failed: {reason}", describe(&step)));
                 self.cursor += 1;
             }
             Observation::Failed { kind, reason } => self.fail(kind, reason, step.name()),
@@ -574,7 +576,10 @@ mod tests {
 
     #[test]
     fn removed_service_is_unrouted_and_drained_then_stopped() {
-        let mut r = Rollout::new(plan(vec![svc("web", 1, 1, 1, true), svc("old", 0, 1, 1, true)]));
+        let mut r = Rollout::new(plan(vec![
+            svc("web", 1, 1, 1, true),
+            svc("old", 0, 1, 1, true),
+        ]));
         let (taken, _) = run_ok(&mut r);
         assert!(taken.contains(&Step::Route {
             service: "old".into(),
@@ -588,12 +593,15 @@ mod tests {
 
     #[test]
     fn services_follow_plan_order() {
-        let mut r = Rollout::new(plan(vec![svc("db", 1, 1, 1, false), svc("web", 1, 1, 1, true)]));
+        let mut r = Rollout::new(plan(vec![
+            svc("db", 1, 1, 1, false),
+            svc("web", 1, 1, 1, true),
+        ]));
         let (taken, _) = run_ok(&mut r);
         let first_web = taken.iter().position(|s| s.service() == Some("web"));
-        let last_db_before_commit = taken
+        let before_commit: Vec<&Step> = taken.iter().take_while(|s| **s != Step::Commit).collect();
+        let last_db_before_commit = before_commit
             .iter()
-            .take_while(|s| **s != Step::Commit)
             .rposition(|s| s.service() == Some("db"));
         assert!(last_db_before_commit < first_web);
     }
@@ -616,7 +624,7 @@ mod tests {
         let p = plan(vec![svc("web", 2, 2, 1, true)]);
         let forward = Rollout::new(p.clone()).forward.clone();
         let commit = forward.iter().position(|s| *s == Step::Commit).unwrap_or(0);
-        for k in 0..=commit {
+        for (k, step) in forward.iter().enumerate().take(commit + 1) {
             let (undo, end) = fail_at(p.clone(), k);
             assert_eq!(
                 names(&undo),
@@ -628,7 +636,7 @@ mod tests {
                     "retire_new"
                 ],
                 "failing at step {k} ({})",
-                forward[k].name()
+                step.name()
             );
             assert_eq!(
                 undo.last(),
@@ -640,7 +648,7 @@ mod tests {
             match end {
                 Ending::RolledBack { failure, warnings } => {
                     assert_eq!(failure.kind, FailureKind::HealthGate);
-                    assert_eq!(failure.step, forward[k].name());
+                    assert_eq!(failure.step, step.name());
                     assert!(warnings.is_empty());
                 }
                 other => panic!("expected rollback, got {other:?}"),
@@ -689,9 +697,11 @@ mod tests {
     #[test]
     fn failures_after_commit_are_warnings_and_the_rollout_goes_on() {
         let mut r = Rollout::new(plan(vec![svc("web", 1, 1, 1, true)]));
-        while r.next() != Decision::Take(Step::StopOld {
-            service: "web".into(),
-        }) {
+        while r.next()
+            != Decision::Take(Step::StopOld {
+                service: "web".into(),
+            })
+        {
             r.observe(Observation::Succeeded);
         }
         r.observe(Observation::Failed {
@@ -744,7 +754,7 @@ mod tests {
         let p = plan(vec![svc("web", 1, 1, 1, true)]);
         let forward = Rollout::new(p.clone()).forward.clone();
         let commit = forward.iter().position(|s| *s == Step::Commit).unwrap_or(0);
-        for k in 0..=commit {
+        for (k, step) in forward.iter().enumerate().take(commit + 1) {
             let mut r = Rollout::new(p.clone());
             for _ in 0..k {
                 r.observe(Observation::Succeeded);
@@ -758,7 +768,7 @@ mod tests {
             match end {
                 Ending::RolledBack { failure, .. } => {
                     assert_eq!(failure.kind, FailureKind::Interrupted);
-                    assert_eq!(failure.step, forward[k].name());
+                    assert_eq!(failure.step, step.name());
                 }
                 other => panic!("expected rollback at {k}, got {other:?}"),
             }

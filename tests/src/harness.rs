@@ -645,6 +645,37 @@ impl Harness {
             .collect()
     }
 
+    /// Panics unless `status --json` names `release` as the current release
+    /// of `project` with no operation in progress.
+    pub fn assert_current(&self, project: &str, release: &str) -> Value {
+        let p = self
+            .project_status(project)
+            .unwrap_or_else(|| panic!("`status --json` does not list project {project:?}"));
+        assert_eq!(
+            p["current"].as_str(),
+            Some(release),
+            "status names the wrong current release of {project}: {p:#}"
+        );
+        assert!(
+            p["operation"].is_null(),
+            "status shows an operation in progress for {project}: {p:#}"
+        );
+        p
+    }
+
+    /// Containers of this instance with the ID of the image each runs.
+    pub fn containers_with_image_ids(&self) -> Vec<(Container, String)> {
+        self.containers()
+            .into_iter()
+            .map(|c| {
+                let id = docker(&["inspect", "-f", "{{.Image}}", &c.id])
+                    .trim()
+                    .to_string();
+                (c, id)
+            })
+            .collect()
+    }
+
     /// Edits or deletes one record in the middle of the audit log, directly
     /// in the SQLite file under the state directory (python3's sqlite3;
     /// triggers on the audit table are dropped first). Returns what was done,
@@ -797,6 +828,13 @@ pub fn docker(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The image ID (`sha256:…`) of a local image reference.
+pub fn image_id(reference: &str) -> String {
+    docker(&["image", "inspect", "-f", "{{.Id}}", reference])
+        .trim()
+        .to_string()
 }
 
 fn docker_quiet(args: &[&str]) -> String {

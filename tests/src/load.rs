@@ -522,3 +522,86 @@ impl LoadReport {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(bodies: &[(u64, &str)]) -> LoadReport {
+        let t0 = Instant::now();
+        let records = bodies
+            .iter()
+            .map(|&(ms, b)| Record {
+                mode: Mode::KeepAlive,
+                sent: t0 + Duration::from_millis(ms),
+                done: t0 + Duration::from_millis(ms + 2),
+                status: Some(if b == "500" { 500 } else { 200 }),
+                body: b.to_string(),
+                error: None,
+            })
+            .collect();
+        LoadReport {
+            records,
+            started: t0,
+            stopped: t0 + Duration::from_secs(1),
+            hit_time_limit: false,
+            config: LoadConfig::new(1),
+        }
+    }
+
+    #[test]
+    fn a_clean_switch_is_one_change() {
+        let r = report(&[(0, "v1"), (10, "v1"), (20, "v2"), (30, "v2")]);
+        let s = r.check_sequence(&["v1", "v2"]).expect("clean switch");
+        assert_eq!(s, vec![r.started + Duration::from_millis(20)]);
+        assert_eq!(r.bodies_in_order(), vec!["v1", "v2"]);
+    }
+
+    #[test]
+    fn reordering_right_at_the_switch_is_tolerated() {
+        let r = report(&[(0, "v1"), (20, "v2"), (25, "v1"), (30, "v2")]);
+        r.check_sequence(&["v1", "v2"]).expect("within tolerance");
+    }
+
+    #[test]
+    fn the_old_release_answering_later_is_a_flap() {
+        let r = report(&[(0, "v1"), (20, "v2"), (600, "v1"), (700, "v2")]);
+        let e = r.check_sequence(&["v1", "v2"]).unwrap_err();
+        assert!(e.contains("\"v1\" was served"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_switch_is_reported() {
+        let r = report(&[(0, "v1"), (20, "v1")]);
+        let e = r.check_sequence(&["v1", "v2"]).unwrap_err();
+        assert!(e.contains("never became \"v2\""), "{e}");
+    }
+
+    #[test]
+    fn the_first_release_must_be_the_expected_one() {
+        let r = report(&[(0, "v2"), (20, "v2")]);
+        assert!(r.check_sequence(&["v1", "v2"]).is_err());
+    }
+
+    #[test]
+    fn back_and_forth_sequences_are_followed() {
+        let r = report(&[(0, "v2"), (400, "v1"), (410, "v2"), (900, "v2")]);
+        // v2 at 410 ms is within the tolerance of the switch to v1: jitter,
+        // not yet the switch back, which comes at 900 ms.
+        let s = r
+            .check_sequence(&["v2", "v1", "v2"])
+            .expect("jitter then switch");
+        assert_eq!(s[1], r.started + Duration::from_millis(900));
+        let r = report(&[(0, "v2"), (400, "v1"), (800, "v2"), (900, "v2")]);
+        let s = r.check_sequence(&["v2", "v1", "v2"]).expect("v2 v1 v2");
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn errors_count_as_failures_not_releases() {
+        let r = report(&[(0, "v1"), (10, "500"), (20, "v1")]);
+        assert_eq!(r.failures().len(), 1);
+        r.check_sequence(&["v1"]).expect("500 is not a release");
+        assert!(r.summary().contains("HTTP 500"), "{}", r.summary());
+    }
+}

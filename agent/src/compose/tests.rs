@@ -1054,6 +1054,7 @@ services:
       - "[::1]:8082:82"
       - 8083:83/tcp
       - {target: 84, published: 8084}
+      - 8085:85
 "#);
     let got: Vec<(IpAddr, u16, u16)> = spec.services[0]
         .ports
@@ -1068,6 +1069,7 @@ services:
             (IpAddr::V6(Ipv6Addr::LOCALHOST), 8082, 82),
             (ANY, 8083, 83),
             (ANY, 8084, 84),
+            (ANY, 8085, 85),
         ]
     );
 }

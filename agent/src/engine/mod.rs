@@ -127,9 +127,14 @@ impl Engine {
         let started = Instant::now();
         match self.deploy_inner(req, who, ev, started).await {
             Ok(result) => result,
-            Err(e) => {
-                self.refused(OperationKind::Deploy, &req.project, &req.release, who, e, started)
-            }
+            Err(e) => self.refused(
+                OperationKind::Deploy,
+                &req.project,
+                &req.release,
+                who,
+                e,
+                started,
+            ),
         }
     }
 
@@ -158,7 +163,12 @@ impl Engine {
         self.require_proxy(&spec).await?;
 
         let _lock = self
-            .lock(&req.project, &format!("deploy of {}", req.release), who, req.lock_wait_ms)
+            .lock(
+                &req.project,
+                &format!("deploy of {}", req.release),
+                who,
+                req.lock_wait_ms,
+            )
             .await?;
         self.recover_project(&req.project, ev).await?;
 
@@ -215,8 +225,11 @@ impl Engine {
                     &format!("pulling {}", svc.image),
                 );
                 let pulled = self.docker.pull(&svc.image, &self.config).await?;
-                self.store
-                    .record_image(&pulled.image_id, &pulled.pinned, pulled.pulled_by_agent)?;
+                self.store.record_image(
+                    &pulled.image_id,
+                    &pulled.pinned,
+                    pulled.pulled_by_agent,
+                )?;
                 image_ids.push(pulled.image_id.clone());
                 pinned.insert(svc.image.clone(), pulled.pinned);
             }
@@ -230,7 +243,8 @@ impl Engine {
 
         // A retained release deployed again is rebuilt from this request.
         if self.store.release(&req.project, &req.release)?.is_some() {
-            self.remove_release_containers(&req.project, &req.release).await?;
+            self.remove_release_containers(&req.project, &req.release)
+                .await?;
         }
         let spec_json = serde_json::to_string(&spec)
             .map_err(|e| OpError::new(Outcome::EnvironmentError, e.to_string()))?;
@@ -282,14 +296,22 @@ impl Engine {
         ev: &Events,
         started: Instant,
     ) -> Result<OperationResult, OpError> {
-        let what = format!("rollback to {}", req.to.as_deref().unwrap_or("the previous release"));
-        let _lock = self.lock(&req.project, &what, who, req.lock_wait_ms).await?;
+        let what = format!(
+            "rollback to {}",
+            req.to.as_deref().unwrap_or("the previous release")
+        );
+        let _lock = self
+            .lock(&req.project, &what, who, req.lock_wait_ms)
+            .await?;
         self.recover_project(&req.project, ev).await?;
         let serving = self.store.serving(&req.project)?.unwrap_or_default();
         let Some(current) = serving.current.clone() else {
             return Err(OpError::new(
                 Outcome::ConfigError,
-                format!("project {} has no release serving on this host; nothing to roll back", req.project),
+                format!(
+                    "project {} has no release serving on this host; nothing to roll back",
+                    req.project
+                ),
             ));
         };
         let target = match (&req.to, &serving.previous) {
@@ -308,7 +330,10 @@ impl Engine {
         if target == current {
             return Err(OpError::new(
                 Outcome::ConfigError,
-                format!("release {target} is already serving project {}", req.project),
+                format!(
+                    "release {target} is already serving project {}",
+                    req.project
+                ),
             ));
         }
         let record = self.store.release(&req.project, &target)?.ok_or_else(|| {
@@ -580,7 +605,9 @@ impl Engine {
             detail: serde_json::json!({ "message": message }),
         });
         if let Err(a) = audit {
-            message.push_str(&format!(" (and the audit record could not be written: {a})"));
+            message.push_str(&format!(
+                " (and the audit record could not be written: {a})"
+            ));
         }
         self.result(
             kind,
@@ -673,7 +700,9 @@ impl Engine {
         let rec = self.store.release(project, release)?.ok_or_else(|| {
             OpError::new(
                 Outcome::EnvironmentError,
-                format!("the state store names release {release} of {project} but has no snapshot of it"),
+                format!(
+                    "the state store names release {release} of {project} but has no snapshot of it"
+                ),
             )
         })?;
         serde_json::from_str(&rec.spec_json).map_err(|e| {
@@ -684,8 +713,17 @@ impl Engine {
         })
     }
 
-    pub(crate) fn container_name(&self, project: &str, service: &str, release: &str, replica: u32) -> String {
-        format!("{}-{project}-{service}-{release}-{replica}", self.config.instance)
+    pub(crate) fn container_name(
+        &self,
+        project: &str,
+        service: &str,
+        release: &str,
+        replica: u32,
+    ) -> String {
+        format!(
+            "{}-{project}-{service}-{release}-{replica}",
+            self.config.instance
+        )
     }
 
     async fn remove_release_containers(&self, project: &str, release: &str) -> Result<(), OpError> {

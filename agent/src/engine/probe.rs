@@ -15,7 +15,11 @@ use crate::spec::{Probe, ServiceSpec};
 impl Engine {
     /// Probe `container` until its service's gate passes (how long it took)
     /// or fails (why).
-    pub(crate) async fn gate(&self, container: &str, svc: &ServiceSpec) -> Result<Duration, String> {
+    pub(crate) async fn gate(
+        &self,
+        container: &str,
+        svc: &ServiceSpec,
+    ) -> Result<Duration, String> {
         let settings = svc.deploy.health.clone();
         let interval = settings.interval;
         let mut gate = HealthGate::new(settings);

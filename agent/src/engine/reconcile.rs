@@ -6,7 +6,6 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::steps::service_of;
 use super::{Ctx, Engine, Events, OpError, emit, now};
 use crate::lock::{HostLock, LockOwner};
 use crate::proxy::protocol::Route;
@@ -26,7 +25,12 @@ impl Engine {
     pub(crate) async fn recover_project(&self, project: &str, ev: &Events) -> Result<(), OpError> {
         for op in self.store.open_operations(Some(project))? {
             let started = Instant::now();
-            tracing::warn!(project, release = op.release.as_str(), "recovering an interrupted {}", op.kind.as_str());
+            tracing::warn!(
+                project,
+                release = op.release.as_str(),
+                "recovering an interrupted {}",
+                op.kind.as_str()
+            );
             let target = self.snapshot(project, &op.release)?;
             let old = match &op.previous {
                 Some(p) => Some(self.snapshot(project, p)?),
@@ -43,7 +47,8 @@ impl Engine {
                     op.kind.as_str(),
                     op.release
                 );
-                self.store.finish_operation(op.id, Outcome::Interrupted, &msg)?;
+                self.store
+                    .finish_operation(op.id, Outcome::Interrupted, &msg)?;
                 self.store.append_audit(&AuditEntry {
                     who: RECONCILER.into(),
                     action: format!("{}.interrupted", op.kind.as_str()),
@@ -59,7 +64,10 @@ impl Engine {
             let mut rollout: Rollout = serde_json::from_str(state).map_err(|e| {
                 OpError::new(
                     Outcome::EnvironmentError,
-                    format!("the persisted state of operation {} is unreadable: {e}", op.id),
+                    format!(
+                        "the persisted state of operation {} is unreadable: {e}",
+                        op.id
+                    ),
                 )
             })?;
             let commit_recorded = self
@@ -113,7 +121,11 @@ impl Engine {
             };
             self.recover_project(&project, ev).await?;
             if let Err(e) = self.repair_drift(&project, ev).await {
-                tracing::warn!(project = project.as_str(), "drift repair failed: {}", e.message);
+                tracing::warn!(
+                    project = project.as_str(),
+                    "drift repair failed: {}",
+                    e.message
+                );
             }
         }
         Ok(())
@@ -148,9 +160,19 @@ impl Engine {
                 &current,
                 "repair",
                 Some(&svc.name),
-                &format!("repairing: {}", broken.iter().map(|(_, w)| w.as_str()).collect::<Vec<_>>().join(", ")),
+                &format!(
+                    "repairing: {}",
+                    broken
+                        .iter()
+                        .map(|(_, w)| w.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             );
-            if let Err((_, why)) = self.start_replicas(project, &spec, Some(svc), &replicas).await {
+            if let Err((_, why)) = self
+                .start_replicas(project, &spec, Some(svc), &replicas)
+                .await
+            {
                 repaired.push(format!("{}: restart failed: {why}", svc.name));
                 continue;
             }
@@ -181,7 +203,11 @@ impl Engine {
 
     /// Make the proxy's routes for `spec`'s ports point at its running
     /// containers (their addresses change when Docker restarts them).
-    async fn repair_routes(&self, project: &str, spec: &ProjectSpec) -> Result<Vec<String>, OpError> {
+    async fn repair_routes(
+        &self,
+        project: &str,
+        spec: &ProjectSpec,
+    ) -> Result<Vec<String>, OpError> {
         if !spec.services.iter().any(|s| !s.ports.is_empty()) {
             return Ok(vec![]);
         }
@@ -210,7 +236,12 @@ impl Engine {
                 }
                 let current = status.routes.iter().find(|r| r.route.bind == bind);
                 let same = current.is_some_and(|r| {
-                    let a: BTreeSet<_> = r.route.backends.iter().map(|b| (&b.container, b.addr)).collect();
+                    let a: BTreeSet<_> = r
+                        .route
+                        .backends
+                        .iter()
+                        .map(|b| (&b.container, b.addr))
+                        .collect();
                     let b: BTreeSet<_> = backends.iter().map(|b| (&b.container, b.addr)).collect();
                     a == b && r.route.mode == svc.deploy.proxy
                 });
@@ -327,7 +358,6 @@ impl Engine {
                     published,
                 });
             }
-            let _ = service_of;
         }
         Ok(ProjectStatus {
             project: project.to_string(),

@@ -23,50 +23,82 @@ fn error(e: impl std::fmt::Display) -> (FailureKind, String) {
 impl Engine {
     pub(crate) async fn take(&self, step: &Step, ctx: &Ctx<'_>, _r: &Rollout) -> Observation {
         let release = &ctx.target.release;
-        let say = |msg: &str| emit(ctx.events, ctx.project, release, step.name(), step.service(), msg);
+        let say = |msg: &str| {
+            emit(
+                ctx.events,
+                ctx.project,
+                release,
+                step.name(),
+                step.service(),
+                msg,
+            )
+        };
         let result: StepResult = match step {
             Step::StartNew { service, replicas } => {
                 let svc = service_of(ctx.target, service);
-                say(&format!("starting {} replica(s) {:?} of {release}", service, replicas));
-                self.start_replicas(ctx.project, ctx.target, svc, replicas).await
+                say(&format!(
+                    "starting {} replica(s) {:?} of {release}",
+                    service, replicas
+                ));
+                self.start_replicas(ctx.project, ctx.target, svc, replicas)
+                    .await
             }
             Step::AwaitHealthy { service, replicas } => {
                 let svc = service_of(ctx.target, service);
-                say(&format!("health gate: {}", svc.map(|s| s.deploy.health.probe.describe()).unwrap_or_default()));
-                self.gate_replicas(ctx.project, ctx.target, svc, replicas, ctx).await
+                say(&format!(
+                    "health gate: {}",
+                    svc.map(|s| s.deploy.health.probe.describe())
+                        .unwrap_or_default()
+                ));
+                self.gate_replicas(ctx.project, ctx.target, svc, replicas, ctx)
+                    .await
             }
             Step::Route { service, new, old } => {
-                say(&format!("switching traffic: {release} replicas {new:?}, previous replicas {old:?}"));
+                say(&format!(
+                    "switching traffic: {release} replicas {new:?}, previous replicas {old:?}"
+                ));
                 self.route(ctx, service, new, old).await
             }
             Step::Drain { service, old } => {
                 let svc = ctx.old.and_then(|o| service_of(o, service));
                 self.drain(ctx.project, ctx.old, svc, old, ctx).await
             }
-            Step::Commit => self.commit(ctx).map(|()| say(&format!("{release} is now the serving release"))),
-            Step::StopOld { service } => match (ctx.old, ctx.old.and_then(|o| service_of(o, service))) {
-                (Some(old), Some(svc)) => {
-                    let all: Vec<u32> = (0..svc.replicas).collect();
-                    say(&format!("stopping {} of {} (kept for rollback)", service, old.release));
-                    self.stop_replicas(ctx.project, old, svc, &all).await
+            Step::Commit => self
+                .commit(ctx)
+                .map(|()| say(&format!("{release} is now the serving release"))),
+            Step::StopOld { service } => {
+                match (ctx.old, ctx.old.and_then(|o| service_of(o, service))) {
+                    (Some(old), Some(svc)) => {
+                        let all: Vec<u32> = (0..svc.replicas).collect();
+                        say(&format!(
+                            "stopping {} of {} (kept for rollback)",
+                            service, old.release
+                        ));
+                        self.stop_replicas(ctx.project, old, svc, &all).await
+                    }
+                    _ => Ok(()),
                 }
-                _ => Ok(()),
-            },
+            }
             Step::Prune => self.prune(ctx.project, ctx.who).await.map_err(error),
-            Step::StartOld { service } => match (ctx.old, ctx.old.and_then(|o| service_of(o, service))) {
-                (Some(old), Some(svc)) => {
-                    let all: Vec<u32> = (0..svc.replicas).collect();
-                    self.start_replicas(ctx.project, old, Some(svc), &all).await
+            Step::StartOld { service } => {
+                match (ctx.old, ctx.old.and_then(|o| service_of(o, service))) {
+                    (Some(old), Some(svc)) => {
+                        let all: Vec<u32> = (0..svc.replicas).collect();
+                        self.start_replicas(ctx.project, old, Some(svc), &all).await
+                    }
+                    _ => Ok(()),
                 }
-                _ => Ok(()),
-            },
-            Step::AwaitHealthyOld { service } => match (ctx.old, ctx.old.and_then(|o| service_of(o, service))) {
-                (Some(old), Some(svc)) => {
-                    let all: Vec<u32> = (0..svc.replicas).collect();
-                    self.gate_replicas(ctx.project, old, Some(svc), &all, ctx).await
+            }
+            Step::AwaitHealthyOld { service } => {
+                match (ctx.old, ctx.old.and_then(|o| service_of(o, service))) {
+                    (Some(old), Some(svc)) => {
+                        let all: Vec<u32> = (0..svc.replicas).collect();
+                        self.gate_replicas(ctx.project, old, Some(svc), &all, ctx)
+                            .await
+                    }
+                    _ => Ok(()),
                 }
-                _ => Ok(()),
-            },
+            }
             Step::RouteOld { service } => {
                 let old_n = ctx
                     .old
@@ -77,12 +109,14 @@ impl Engine {
                     "switching traffic back to {}",
                     ctx.previous.unwrap_or("nothing")
                 ));
-                self.route(ctx, service, &[], &(0..old_n).collect::<Vec<_>>()).await
+                self.route(ctx, service, &[], &(0..old_n).collect::<Vec<_>>())
+                    .await
             }
             Step::DrainNew { service } => {
                 let svc = service_of(ctx.target, service);
                 let all: Vec<u32> = (0..svc.map(|s| s.replicas).unwrap_or(0)).collect();
-                self.drain(ctx.project, Some(ctx.target), svc, &all, ctx).await
+                self.drain(ctx.project, Some(ctx.target), svc, &all, ctx)
+                    .await
             }
             Step::RetireNew { service, remove } => {
                 let Some(svc) = service_of(ctx.target, service) else {
@@ -91,7 +125,8 @@ impl Engine {
                 let all: Vec<u32> = (0..svc.replicas).collect();
                 if *remove {
                     say(&format!("removing {service} containers of {release}"));
-                    self.remove_replicas(ctx.project, ctx.target, svc, &all).await
+                    self.remove_replicas(ctx.project, ctx.target, svc, &all)
+                        .await
                 } else {
                     self.stop_replicas(ctx.project, ctx.target, svc, &all).await
                 }
@@ -122,7 +157,10 @@ impl Engine {
                 format!("{}-{project}-{net}", self.config.instance)
             };
             if !external {
-                self.docker.ensure_network(&name, &labels).await.map_err(error)?;
+                self.docker
+                    .ensure_network(&name, &labels)
+                    .await
+                    .map_err(error)?;
             }
             networks.push(name);
         }
@@ -134,7 +172,10 @@ impl Engine {
                 format!("{}-{project}-{}", self.config.instance, v.name)
             };
             if !v.external {
-                self.docker.ensure_volume(&name, &labels).await.map_err(error)?;
+                self.docker
+                    .ensure_volume(&name, &labels)
+                    .await
+                    .map_err(error)?;
             }
             volumes.insert(v.name.clone(), name);
         }
@@ -245,12 +286,20 @@ impl Engine {
                 let mut backends = Vec::new();
                 if let Some(tp) = tsvc.and_then(|t| target_port(t, bind)) {
                     for &i in new {
-                        backends.push(self.backend(ctx.project, &ctx.target.release, service, i, tp).await?);
+                        backends.push(
+                            self.backend(ctx.project, &ctx.target.release, service, i, tp)
+                                .await?,
+                        );
                     }
                 }
-                if let (Some(op), Some(old_spec)) = (osvc.and_then(|o| target_port(o, bind)), ctx.old) {
+                if let (Some(op), Some(old_spec)) =
+                    (osvc.and_then(|o| target_port(o, bind)), ctx.old)
+                {
                     for &i in old {
-                        backends.push(self.backend(ctx.project, &old_spec.release, service, i, op).await?);
+                        backends.push(
+                            self.backend(ctx.project, &old_spec.release, service, i, op)
+                                .await?,
+                        );
                     }
                 }
                 let route = Route {
@@ -293,10 +342,12 @@ impl Engine {
             .await
             .map_err(error)?
             .ok_or_else(|| error(format!("container {name} is gone")))?;
-        let ip = info
-            .ip
-            .filter(|_| info.running)
-            .ok_or_else(|| error(format!("container {name} is not running (status {})", info.status)))?;
+        let ip = info.ip.filter(|_| info.running).ok_or_else(|| {
+            error(format!(
+                "container {name} is not running (status {})",
+                info.status
+            ))
+        })?;
         Ok(Backend {
             addr: SocketAddr::new(ip, port),
             release: release.to_string(),
@@ -315,11 +366,27 @@ impl Engine {
         replicas: &[u32],
         ctx: &Ctx<'_>,
     ) -> StepResult {
-        let (Some(spec), Some(svc)) = (spec, svc) else { return Ok(()) };
+        let (Some(spec), Some(svc)) = (spec, svc) else {
+            return Ok(());
+        };
         let names: Vec<String> = replicas
             .iter()
             .map(|&i| self.container_name(project, &svc.name, &spec.release, i))
             .collect();
+        if !svc.ports.is_empty() {
+            emit(
+                ctx.events,
+                project,
+                &ctx.target.release,
+                "drain",
+                Some(&svc.name),
+                &format!(
+                    "draining {} (up to {})",
+                    names.join(", "),
+                    humantime::format_duration(svc.deploy.drain_timeout)
+                ),
+            );
+        }
         for p in &svc.ports {
             let bind = SocketAddr::new(p.host_ip, p.host_port);
             let drained = self
@@ -392,7 +459,11 @@ impl Engine {
     /// pulled that no kept release uses.
     pub(crate) async fn prune(&self, project: &str, who: &str) -> Result<(), String> {
         let releases = self.store.releases(project).map_err(|e| e.to_string())?;
-        let serving = self.store.serving(project).map_err(|e| e.to_string())?.unwrap_or_default();
+        let serving = self
+            .store
+            .serving(project)
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
         let live: Vec<_> = releases
             .iter()
             .filter(|r| r.state != ReleaseState::Pruned)
@@ -451,7 +522,10 @@ impl Engine {
                     release: Some(r.release.clone()),
                     outcome: Some("succeeded".into()),
                     duration_ms: None,
-                    reason: Some(format!("retention keeps the last {} releases", self.config.retain)),
+                    reason: Some(format!(
+                        "retention keeps the last {} releases",
+                        self.config.retain
+                    )),
                     detail: serde_json::json!({ "containers": names, "images": removed_images }),
                 })
                 .map_err(|e| e.to_string())?;

@@ -212,7 +212,8 @@ fn prepare_request_headers(headers: &mut HeaderMap, host: Option<&HeaderValue>, 
         }
     }
 
-    let peer_ip = peer.ip().to_string();
+    // `::ffff:a.b.c.d` (a v4 client on a dual-stack listener) as `a.b.c.d`.
+    let peer_ip = peer.ip().to_canonical().to_string();
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(previous) if !previous.trim().is_empty() => format!("{previous}, {peer_ip}"),
         _ => peer_ip,

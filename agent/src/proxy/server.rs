@@ -260,6 +260,11 @@ impl Registry {
         let bind = route.bind;
 
         if let Some(entry) = self.routes.get_mut(&bind) {
+            if entry.route == route {
+                // Already in place and persisted; the daemon re-sends routes
+                // when it reconciles.
+                return Ok(());
+            }
             let prepared = entry.prepare(&route);
             persist::save(&self.state_dir, persisted)
                 .await

@@ -792,3 +792,28 @@ async fn oversized_request_body_is_refused_with_413() {
     assert_eq!(answer, b"HTTP/1.1 413");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_served_by_http1_backends() {
+    let (_tmp, dir) = state_dir();
+    let proxy = TestProxy::start(&dir).await;
+    let a = spawn_backend("a", Behavior::Name).await;
+    let bind = free_addr();
+    proxy
+        .client
+        .set_route(route(
+            bind,
+            ProxyMode::Http,
+            vec![backend(a, "r1", "web-a")],
+        ))
+        .await
+        .unwrap();
+    let h2c: TestClient = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    for _ in 0..3 {
+        assert_eq!(get(&h2c, bind).await, (StatusCode::OK, "a".into()));
+    }
+    drop(h2c);
+    proxy.shutdown().await;
+}

@@ -43,7 +43,7 @@ fn entry(n: u32) -> AuditEntry {
     AuditEntry {
         who: "alice".into(),
         action: "deploy.started".into(),
-        project: Some(if n % 2 == 0 { "web" } else { "api" }.into()),
+        project: Some(if n.is_multiple_of(2) { "web" } else { "api" }.into()),
         release: Some(format!("v{n}")),
         outcome: None,
         duration_ms: Some(u64::from(n) * 10),
