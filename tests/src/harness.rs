@@ -435,6 +435,7 @@ impl Harness {
             stderr,
             readers,
             started,
+            exited: None,
         }
     }
 
@@ -961,9 +962,33 @@ pub struct RunningCli {
     stderr: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
     started: Instant,
+    exited: Option<(std::process::ExitStatus, Instant)>,
+}
+
+/// Waits for several background commands at once, so that each one's
+/// `finished` is when it exited (within 10 ms), whatever the order.
+pub fn wait_all(clis: Vec<RunningCli>) -> Vec<CliOutput> {
+    let mut clis = clis;
+    let end = Instant::now() + CLI_TIMEOUT;
+    while clis.iter_mut().any(|c| !c.poll()) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    clis.into_iter()
+        .map(|c| c.wait_timeout(Duration::ZERO))
+        .collect()
 }
 
 impl RunningCli {
+    /// True once the process has exited (and records when).
+    fn poll(&mut self) -> bool {
+        if self.exited.is_none()
+            && let Some(s) = self.child.try_wait().expect("try_wait")
+        {
+            self.exited = Some((s, Instant::now()));
+        }
+        self.exited.is_some()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -1017,18 +1042,18 @@ impl RunningCli {
 
     pub fn wait_timeout(mut self, timeout: Duration) -> CliOutput {
         let end = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                break Some(s);
+        let (status, finished) = loop {
+            if self.poll() {
+                let (s, t) = self.exited.expect("exited");
+                break (Some(s), t);
             }
             if Instant::now() >= end {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                break None;
+                break (None, Instant::now());
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let finished = Instant::now();
         for r in self.readers.drain(..) {
             let _ = r.join();
         }

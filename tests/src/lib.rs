@@ -33,7 +33,7 @@ pub use env::{
 };
 pub use harness::{
     CliOutput, Container, Harness, HarnessBuilder, INSTANCE_LABEL, RunningCli, TamperedRecord,
-    docker, free_port, image_id, wait_until,
+    docker, free_port, image_id, wait_all, wait_until,
 };
 pub use http::{HttpResponse, http_get};
 pub use load::{LoadConfig, LoadLoop, LoadReport, MIN_RATE, Mode, Record, SWITCH_TOLERANCE};

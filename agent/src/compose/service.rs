@@ -262,6 +262,14 @@ fn convert_service(
         Some(l) => key_values(cx, &path.key("labels"), l, false)?,
         None => BTreeMap::new(),
     };
+    // The agent finds its containers by these labels; a user label there
+    // would make it adopt or lose containers.
+    if let Some(reserved) = labels.keys().find(|k| k.starts_with("io.deploy-agent.")) {
+        return Err(cx.invalid(
+            &path.key("labels"),
+            format!("label `{reserved}` is in the io.deploy-agent. namespace, which the agent reserves for itself; rename it"),
+        ));
+    }
 
     let healthcheck = raw
         .healthcheck

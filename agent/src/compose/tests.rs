@@ -1649,3 +1649,11 @@ fn probe_describe_is_usable() {
         "running through start period, then tcp connect to port 8080"
     );
 }
+
+#[test]
+fn labels_in_the_agents_namespace_are_refused() {
+    let e =
+        err("services:\n  web:\n    image: a\n    labels:\n      io.deploy-agent.release: v9\n");
+    assert!(e.contains("io.deploy-agent.release"), "{e}");
+    assert!(e.contains("reserves"), "{e}");
+}

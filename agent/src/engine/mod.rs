@@ -500,7 +500,12 @@ impl Engine {
                 for w in warnings {
                     msg.push_str(&format!("; warning: {w}"));
                 }
-                (Outcome::Succeeded, msg, None, Some(release.clone()))
+                (
+                    Outcome::Succeeded,
+                    msg,
+                    self.gate_names(ctx.target),
+                    Some(release.clone()),
+                )
             }
             Ending::RolledBack { failure, warnings } => {
                 let outcome = match failure.kind {
@@ -522,9 +527,7 @@ impl Engine {
                 for w in warnings {
                     msg.push_str(&format!("; warning: {w}"));
                 }
-                let gate = (failure.kind == FailureKind::HealthGate)
-                    .then(|| self.gate_names(ctx.target))
-                    .flatten();
+                let gate = self.gate_names(ctx.target);
                 (outcome, msg, gate, serving)
             }
         };
