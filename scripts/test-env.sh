@@ -98,4 +98,4 @@ cleanup_stale() {
 }
 cleanup_stale
 
-"$ROOT/tests/images/build.sh"
+bash "$ROOT/tests/images/build.sh"

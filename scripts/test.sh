@@ -34,7 +34,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 echo "==> test environment (registries, test images)"
-scripts/test-env.sh
+bash scripts/test-env.sh
 
 echo "==> cargo build --workspace --all-targets"
 cargo build --workspace --all-targets

@@ -1,6 +1,7 @@
 //! `agent.toml`: the host's own settings (not the project's).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -19,8 +20,56 @@ pub struct AgentConfig {
     pub retain: usize,
     /// How often the daemon checks for drift, in seconds.
     pub reconcile_interval_secs: u64,
+    /// How long one reconciliation pass may run before the daemon counts its
+    /// main loop as hung and stops pinging the systemd watchdog (systemd then
+    /// restarts it, and recovery resumes from the last persisted step). A
+    /// pass can legitimately wait on health gates, so this bounds a pass, not
+    /// the interval between pings.
+    pub reconcile_timeout_secs: u64,
+    /// Also serve `GET /metrics` (Prometheus text format) on this plain,
+    /// unauthenticated TCP address, for a scraper that cannot read the unix
+    /// socket. Absent: metrics only on `agent.sock`.
+    pub metrics_listen: Option<SocketAddr>,
     /// Registry credentials by registry host (`host[:port]`).
     pub registries: BTreeMap<String, RegistryAuth>,
+    /// The observation window after a switch when the compose file does not
+    /// set `x-deploy.observe.window` (e.g. "5m"; "0s" for none).
+    #[serde(with = "humantime_serde_compat")]
+    pub observe_window: std::time::Duration,
+    /// Hooks may run commands on the host itself (not only in containers).
+    pub allow_host_hooks: bool,
+    /// Run the `backup` hook before every `migrate` (production).
+    pub backup_before_migrate: bool,
+    // --- the HTTPS API with mutual TLS (issue 4; see `crate::api`) ---
+    /// Where the HTTPS API listens, e.g. `"0.0.0.0:7443"`; absent: no TLS API
+    /// (the unix socket only).
+    pub api_listen: Option<std::net::SocketAddr>,
+    /// This agent's certificate chain (PEM), issued by `deploy-controller pki issue --kind agent`.
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// The CA whose client certificates are accepted (PEM).
+    pub tls_ca: Option<PathBuf>,
+    /// The environment this host belongs to (e.g. `"production"`); required
+    /// with `api_listen`. Grants are for this environment only.
+    pub environment: Option<String>,
+    /// Client certificate identity (its CN) → `"deployer"` or `"reader"` here.
+    pub grants: BTreeMap<String, crate::wire::Role>,
+    // --- end issue 4 ---
+}
+
+/// `"5m"`-style durations in agent.toml.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration like \"90s\" or \"5m\": {e}"
+            ))
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -36,7 +85,18 @@ impl Default for AgentConfig {
             instance: "default".into(),
             retain: 10,
             reconcile_interval_secs: 5,
+            reconcile_timeout_secs: 600,
+            metrics_listen: None,
             registries: BTreeMap::new(),
+            observe_window: std::time::Duration::from_secs(300),
+            allow_host_hooks: false,
+            backup_before_migrate: false,
+            api_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            environment: None,
+            grants: BTreeMap::new(),
         }
     }
 }
@@ -49,8 +109,22 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid agent config {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    /// `file:line: key `k`: what is wrong`, so that an operator fixes it
+    /// without guessing which key (or which `[registries]` table) is meant.
+    #[error(
+        "invalid agent config {}{}{}: {message}",
+        path.display(),
+        line.map(|l| format!(":{l}")).unwrap_or_default(),
+        key.as_deref().map(|k| format!(": key `{k}`")).unwrap_or_default()
+    )]
+    Invalid {
+        path: PathBuf,
+        /// 1-based line of the offending key or value, when known.
+        line: Option<usize>,
+        /// Dotted path of the offending key, e.g. `registries."r.example".password`.
+        key: Option<String>,
+        message: String,
+    },
 }
 
 impl AgentConfig {
@@ -71,12 +145,30 @@ impl AgentConfig {
         Self::parse(path, &text)
     }
 
+    /// Parse and validate `text` (the contents of `path`). Every error names
+    /// the file, the line and the key.
     pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
+        let cfg = deserialize(path, text)?;
+        // Semantic checks name a top-level key; its line is found in the text.
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
+            line: top_level_key_line(text, key),
+            key: Some(key.to_string()),
             message,
         };
-        let cfg: AgentConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        // Validators elsewhere answer "key `k`: message".
+        let keyed = |message: String| match message
+            .strip_prefix("key `")
+            .and_then(|rest| rest.split_once("`: "))
+        {
+            Some((key, rest)) => invalid(key, rest.to_string()),
+            None => ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: None,
+                key: None,
+                message,
+            },
+        };
         let valid_instance = !cfg.instance.is_empty()
             && cfg.instance.len() <= 32
             && cfg
@@ -84,19 +176,114 @@ impl AgentConfig {
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if !valid_instance {
-            return Err(invalid(format!(
-                "key `instance`: {:?} must be 1-32 characters of a-z, 0-9 and -",
-                cfg.instance
-            )));
+            return Err(invalid(
+                "instance",
+                format!(
+                    "{:?} must be 1-32 characters of a-z, 0-9 and -",
+                    cfg.instance
+                ),
+            ));
         }
         if cfg.retain < 2 {
-            return Err(invalid(format!(
-                "key `retain`: {} is too small; keep at least 2 releases (current and previous)",
-                cfg.retain
-            )));
+            return Err(invalid(
+                "retain",
+                format!(
+                    "{} is too small; keep at least 2 releases (current and previous)",
+                    cfg.retain
+                ),
+            ));
         }
+        for (key, value) in [
+            ("reconcile_interval_secs", cfg.reconcile_interval_secs),
+            ("reconcile_timeout_secs", cfg.reconcile_timeout_secs),
+        ] {
+            if !(1..=86_400).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("{value} is out of range: 1 to 86400 seconds"),
+                ));
+            }
+        }
+        if let Some(addr) = cfg.metrics_listen
+            && addr.port() == 0
+        {
+            return Err(invalid(
+                "metrics_listen",
+                format!(
+                    "{addr} has port 0; name the port Prometheus scrapes, e.g. \"127.0.0.1:9480\""
+                ),
+            ));
+        }
+        crate::api::validate_config(&cfg).map_err(keyed)?;
         Ok(cfg)
     }
+}
+
+/// Deserialize, with the path of the failing key (serde_path_to_error) and
+/// the line of the failing span (toml).
+fn deserialize(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
+    let invalid =
+        |line: Option<usize>, key: Option<String>, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            key,
+            message,
+        };
+    let de = toml::Deserializer::parse(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
+        invalid(line, None, e.message().to_string())
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let inner = e.inner();
+        let line = inner.span().map(|s| line_of(text, s.start));
+        let message = inner.message().to_string();
+        let at = e.path().to_string();
+        let at = (at != ".").then_some(at);
+        // For an unknown key the path stops at its table: name the key itself.
+        let key = match unknown_field(&message) {
+            Some(field) => Some(match at {
+                Some(table) => format!("{table}.{field}"),
+                None => field.to_string(),
+            }),
+            None => at,
+        };
+        invalid(line, key, message)
+    })
+}
+
+/// "unknown field `x`, expected …" → `x`.
+fn unknown_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(field, _)| field)
+}
+
+/// The 1-based line of byte offset `at`.
+fn line_of(text: &str, at: usize) -> usize {
+    let at = at.min(text.len());
+    text.as_bytes()[..at]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The line of `key = …` before the first table header, if any.
+fn top_level_key_line(text: &str, key: &str) -> Option<usize> {
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if line.starts_with('[') {
+            return None;
+        }
+        if line
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -123,6 +310,23 @@ mod tests {
             .to_string();
         assert!(err.contains("retian"), "{err}");
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn observe_window_is_a_duration() {
+        let cfg = AgentConfig::parse(Path::new("a"), "observe_window = \"90s\"").unwrap();
+        assert_eq!(cfg.observe_window, std::time::Duration::from_secs(90));
+        assert_eq!(
+            AgentConfig::default().observe_window,
+            std::time::Duration::from_secs(300)
+        );
+        let err = AgentConfig::parse(Path::new("a"), "observe_window = \"soon\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("observe_window") || err.contains("soon"),
+            "{err}"
+        );
     }
 
     #[test]

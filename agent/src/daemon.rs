@@ -6,8 +6,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -22,6 +20,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use crate::engine::{Engine, OpError};
+use crate::metrics::{self, Metrics};
+use crate::service::{self, STOP_GRACE, StatusBoard};
 use crate::wire::{ApiError, DeployRequest, Event, Outcome, RollbackRequest};
 
 /// Who is on the other end of the unix socket, from the kernel (SO_PEERCRED).
@@ -51,7 +51,9 @@ pub fn unix_user(uid: u32) -> String {
 
 struct AppState {
     engine: Arc<Engine>,
-    active: Arc<AtomicUsize>,
+    /// Operations in progress and the reconciliation loop, for `STATUS=`,
+    /// the metrics and a graceful stop.
+    board: Arc<StatusBoard>,
 }
 
 pub async fn run(engine: Engine, state_dir: &Path) -> anyhow::Result<()> {
@@ -75,17 +77,32 @@ pub async fn run(engine: Engine, state_dir: &Path) -> anyhow::Result<()> {
         let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660));
     }
 
+    let board = Arc::new(StatusBoard::new());
+    let settings = service::LoopSettings::new(&engine.config);
+    let metrics = Arc::new(Metrics::new(engine.clone(), board.clone()));
+    // Bound before READY, so that a taken or bad address fails the start.
+    let metrics_listener = match engine.config.metrics_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for metrics on {addr} (metrics_listen in agent.toml): {e}"
+            )
+        })?),
+        None => None,
+    };
+    // issue 4: the HTTPS API (mutual TLS), bound before READY like metrics.
+    let tls_api = crate::api::tls::TlsApi::bind(&engine.config, engine.store.clone()).await?;
+
     // Reconcile before serving: an interrupted operation is finished first.
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    if let Err(e) = engine.reconcile_all(&tx).await {
-        tracing::error!("reconciliation at start failed: {}", e.message);
-    }
+    service::startup_pass(&board, settings, async {
+        engine.reconcile_all(&tx).await.map_err(|e| e.message)
+    })
+    .await;
 
-    let active = Arc::new(AtomicUsize::new(0));
     let state = Arc::new(AppState {
         engine: engine.clone(),
-        active: active.clone(),
+        board: board.clone(),
     });
     let app = Router::new()
         .route("/v1/ping", get(|| async { "ok" }))
@@ -93,49 +110,81 @@ pub async fn run(engine: Engine, state_dir: &Path) -> anyhow::Result<()> {
         .route("/v1/rollback", post(rollback))
         .route("/v1/status", get(status))
         .route("/v1/history", get(history))
-        .with_state(state);
+        .with_state(state)
+        .merge(crate::api::routes(engine.clone())) // issue 4: pull, audit, release, lock
+        .merge(metrics::router(metrics.clone()));
+    // issue 4: the same router over HTTPS, authorized per certificate.
+    let tls_task = tls_api.map(|api| api.serve(app.clone()));
+    if let Some(listener) = metrics_listener {
+        let addr = listener.local_addr().ok();
+        let router = metrics::router(metrics);
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!("the metrics listener on {addr:?} failed: {e}");
+            }
+        });
+    }
 
-    let _ = sd_notify::notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status("serving the local API"),
-    ]);
+    board.ready();
     tracing::info!(socket = %sock.display(), "deploy-agent daemon ready");
 
+    // The main loop; it also pings the systemd watchdog (see `service`).
     let reconciler = {
         let engine = engine.clone();
-        let every = Duration::from_secs(engine.config.reconcile_interval_secs.max(1));
-        let watchdog = sd_notify::watchdog_enabled();
+        let board = board.clone();
         tokio::spawn(async move {
-            let tick = watchdog.map(|w| w / 2).unwrap_or(every).min(every);
-            let mut last = tokio::time::Instant::now();
-            loop {
-                tokio::time::sleep(tick).await;
-                if watchdog.is_some() {
-                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-                }
-                if last.elapsed() >= every {
-                    last = tokio::time::Instant::now();
-                    if let Err(e) = engine.reconcile_all(&tx).await {
-                        tracing::warn!("reconciliation failed: {}", e.message);
-                    }
-                }
-            }
+            service::reconcile_loop(&board, settings, || {
+                let engine = engine.clone();
+                let tx = tx.clone();
+                async move { engine.reconcile_all(&tx).await.map_err(|e| e.message) }
+            })
+            .await;
         })
     };
 
-    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    let ended = tokio::select! {
+        r = &mut server => Some(r),
+        () = shutdown_signal() => None,
+    };
     reconciler.abort();
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    // Let operations in progress reach their end (each step is persisted, so
-    // a hard stop would also be recovered, but finishing is kinder).
-    for _ in 0..600 {
-        if active.load(Ordering::SeqCst) == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Some(t) = &tls_task {
+        t.abort(); // issue 4: no new HTTPS connections
     }
+    if let Some(r) = ended {
+        let _ = std::fs::remove_file(&sock);
+        r??;
+        anyhow::bail!("the local API server stopped by itself");
+    }
+    // SIGTERM: accept nothing new; let operations in progress reach their
+    // end, for at most STOP_GRACE. One still running then is cut at its
+    // current step, which was persisted before it was taken: the next start
+    // recovers it (the same as after kill -9, only rarer).
+    board.stopping();
+    let _ = stop_tx.send(());
+    let idle = tokio::time::timeout(STOP_GRACE, async {
+        let _ = (&mut server).await;
+        board.wait_idle(STOP_GRACE).await
+    })
+    .await
+    .unwrap_or(false);
+    if idle {
+        tracing::info!("stopped: no operation in progress");
+    } else {
+        tracing::warn!(
+            "stopping with {} operation(s) still running after {}s; the next start finishes them from their last persisted step",
+            board.operations_in_progress(),
+            STOP_GRACE.as_secs()
+        );
+    }
+    server.abort();
     let _ = std::fs::remove_file(&sock);
     Ok(())
 }
@@ -154,19 +203,18 @@ async fn shutdown_signal() {
 }
 
 /// Stream the operation's events as JSON lines; the last is its result.
-fn stream_operation<F, Fut>(state: &AppState, run: F) -> Response
+fn stream_operation<F, Fut>(state: &AppState, label: String, run: F) -> Response
 where
     F: FnOnce(Arc<Engine>, mpsc::UnboundedSender<Event>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = crate::wire::OperationResult> + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel::<Event>();
     let engine = state.engine.clone();
-    let active = state.active.clone();
-    active.fetch_add(1, Ordering::SeqCst);
+    let guard = state.board.operation(label);
     tokio::spawn(async move {
         let result = run(engine, tx.clone()).await;
         let _ = tx.send(Event::Result(result));
-        active.fetch_sub(1, Ordering::SeqCst);
+        drop(guard);
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         let event = rx.recv().await?;
@@ -185,7 +233,8 @@ async fn deploy(
     ConnectInfo(peer): ConnectInfo<Peer>,
     Json(req): Json<DeployRequest>,
 ) -> Response {
-    stream_operation(&state, move |engine, tx| async move {
+    let label = format!("deploy of {} release {}", req.project, req.release);
+    stream_operation(&state, label, move |engine, tx| async move {
         engine.deploy(&req, &peer.who, &tx).await
     })
 }
@@ -195,7 +244,12 @@ async fn rollback(
     ConnectInfo(peer): ConnectInfo<Peer>,
     Json(req): Json<RollbackRequest>,
 ) -> Response {
-    stream_operation(&state, move |engine, tx| async move {
+    let label = format!(
+        "rollback of {} to {}",
+        req.project,
+        req.to.as_deref().unwrap_or("the previous release")
+    );
+    stream_operation(&state, label, move |engine, tx| async move {
         engine.rollback(&req, &peer.who, &tx).await
     })
 }
@@ -210,14 +264,7 @@ fn api_error(e: OpError) -> Response {
         Outcome::ConfigError => StatusCode::BAD_REQUEST,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
-    (
-        code,
-        Json(ApiError {
-            outcome: e.outcome,
-            message: e.message,
-        }),
-    )
-        .into_response()
+    (code, Json(ApiError::new(e.outcome, e.message))).into_response()
 }
 
 async fn status(State(state): State<Arc<AppState>>, Query(q): Query<ProjectQuery>) -> Response {

@@ -454,6 +454,34 @@ impl DockerClient {
             .collect())
     }
 
+    /// Everything the container wrote to stdout and stderr.
+    pub async fn logs(&self, name: &str) -> Result<String, DockerError> {
+        let opts = bollard::query_parameters::LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: "all".into(),
+            ..Default::default()
+        };
+        let mut out = String::new();
+        let mut stream = self.docker.logs(name, Some(opts));
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| DockerError::api(format!("read logs of {name}"), e))?;
+            out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+        }
+        Ok(out)
+    }
+
+    pub async fn kill(&self, name: &str) -> Result<(), DockerError> {
+        match self.docker.kill_container(name, None).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()), // not running any more
+            Err(e) => Err(DockerError::api(format!("kill container {name}"), e)),
+        }
+    }
+
     /// Run `cmd` in the container; its exit code.
     pub async fn exec(&self, name: &str, cmd: &[String]) -> Result<i64, DockerError> {
         let created = self

@@ -4,6 +4,7 @@
 //! [`rollout`] and [`health`] are the pure core; [`engine`] drives them
 //! against [`docker`], [`proxy`] and [`store`]; [`daemon`] and the CLI are
 //! two doors into the same engine.
+pub mod api;
 pub mod compose;
 pub mod config;
 pub mod daemon;
@@ -12,8 +13,11 @@ pub mod engine;
 pub mod health;
 pub mod local_client;
 pub mod lock;
+pub mod metrics;
+pub mod observe;
 pub mod proxy;
 pub mod rollout;
+pub mod service;
 pub mod spec;
 pub mod store;
 pub mod wire;

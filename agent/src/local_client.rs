@@ -44,12 +44,13 @@ async fn connect(
     Ok(Some(sender))
 }
 
-/// POST an operation; call `on_event` for each streamed event.
+/// POST an operation; call `on_event` for each streamed event until it
+/// returns false (the daemon carries on with the operation regardless).
 pub async fn post_operation(
     socket: &Path,
     path: &str,
     body: &impl Serialize,
-    mut on_event: impl FnMut(Event),
+    mut on_event: impl FnMut(Event) -> bool,
 ) -> Result<Option<()>, ClientError> {
     let err = |message: String| ClientError::Daemon {
         socket: socket.display().to_string(),
@@ -88,7 +89,9 @@ pub async fn post_operation(
                 let line: Vec<u8> = buf.drain(..=nl).collect();
                 let event: Event = serde_json::from_slice(&line)
                     .map_err(|e| err(format!("unexpected answer: {e}")))?;
-                on_event(event);
+                if !on_event(event) {
+                    return Ok(Some(()));
+                }
             }
         }
     }

@@ -60,6 +60,13 @@ enum Cmd {
         /// Why (recorded in the audit log).
         #[arg(long)]
         reason: Option<String>,
+        /// Run the `migrate` hook here (one host of an environment).
+        #[arg(long)]
+        run_migrations: bool,
+        /// Return once traffic has switched; the daemon watches the
+        /// observation window and rolls back by itself if a gate fails.
+        #[arg(long)]
+        no_wait: bool,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -74,6 +81,9 @@ enum Cmd {
         lock_wait: Option<std::time::Duration>,
         #[arg(long)]
         reason: Option<String>,
+        /// Also run the leaving release's `migrate.down` (code-only otherwise).
+        #[arg(long)]
+        migrate_down: bool,
         #[arg(long)]
         json: bool,
     },
@@ -213,6 +223,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
             vars,
             lock_wait,
             reason,
+            run_migrations,
+            no_wait,
             json,
         } => {
             let mut var_map = BTreeMap::new();
@@ -242,12 +254,29 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 vars: var_map,
                 lock_wait_ms: lock_wait.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                 reason,
+                run_migrations,
+                no_wait,
+                ..DeployRequest::default()
             };
             let mut printer = Printer::new(json);
-            let via_daemon =
-                local_client::post_operation(&sock, "/v1/deploy", &req, |e| printer.event(e))
-                    .await?;
+            let via_daemon = local_client::post_operation(&sock, "/v1/deploy", &req, |e| {
+                // --no-wait: the switch is done once the window starts.
+                let switched = no_wait && matches!(&e, Event::Progress(p) if p.step == "observe");
+                printer.event(e);
+                if switched {
+                    printer.detached();
+                }
+                !switched
+            })
+            .await?;
             if via_daemon.is_none() {
+                if no_wait {
+                    eprintln!(
+                        "error: --no-wait needs the daemon (deploy-agent run) to finish the observation window, and none answers on {}",
+                        sock.display()
+                    );
+                    return Ok(exit::CONFIG);
+                }
                 let engine = match Engine::open(&state_dir, config).await {
                     Ok(e) => e,
                     Err(e) => return Ok(fail(e)),
@@ -266,6 +295,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
             to,
             lock_wait,
             reason,
+            migrate_down,
             json,
         } => {
             let req = RollbackRequest {
@@ -273,11 +303,15 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 to,
                 lock_wait_ms: lock_wait.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                 reason,
+                migrate_down,
+                ..RollbackRequest::default()
             };
             let mut printer = Printer::new(json);
-            let via_daemon =
-                local_client::post_operation(&sock, "/v1/rollback", &req, |e| printer.event(e))
-                    .await?;
+            let via_daemon = local_client::post_operation(&sock, "/v1/rollback", &req, |e| {
+                printer.event(e);
+                true
+            })
+            .await?;
             if via_daemon.is_none() {
                 let engine = match Engine::open(&state_dir, config).await {
                     Ok(e) => e,
@@ -478,12 +512,46 @@ impl Printer {
                     r.duration_ms as f64 / 1000.0,
                     r.message
                 );
+                let mut extra = Vec::new();
+                for h in &r.hooks {
+                    extra.push(format!(
+                        "  {} {} in {:.1}s{}",
+                        h.hook,
+                        if h.succeeded { "passed" } else { "FAILED" },
+                        h.duration_ms as f64 / 1000.0,
+                        h.output_tail
+                            .last()
+                            .map(|l| format!(": {l}"))
+                            .unwrap_or_default()
+                    ));
+                }
+                if let Some(ms) = r.switch_back_ms {
+                    extra.push(format!(
+                        "  traffic was back on the previous release {ms} ms after the decision to roll back"
+                    ));
+                }
                 if r.outcome == Outcome::Succeeded {
                     println!("{line}");
+                    extra.iter().for_each(|l| println!("{l}"));
                 } else {
                     eprintln!("{line}");
+                    extra.iter().for_each(|l| eprintln!("{l}"));
                 }
             }
+        }
+    }
+
+    /// `--no-wait`: the daemon finishes on its own; say so, exit 0.
+    fn detached(&mut self) {
+        self.exit = Some(exit::SUCCESS);
+        let msg = "traffic has switched; the daemon is watching the observation window and rolls back by itself if a gate fails (see `deploy-agent status` and `history`)";
+        if self.json {
+            println!(
+                "{}",
+                serde_json::json!({ "type": "detached", "message": msg })
+            );
+        } else {
+            println!("{msg}");
         }
     }
 

@@ -29,12 +29,67 @@ pub struct ServicePlan {
 }
 
 /// The whole operation: services in `depends_on` order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Plan {
     pub services: Vec<ServicePlan>,
     /// On failure, remove the target release's containers (a new release) or
     /// only stop them (a rollback to a retained release keeps its containers).
     pub remove_failed: bool,
+    /// Hooks run before anything starts (e.g. pre_deploy, backup, migrate).
+    #[serde(default)]
+    pub hooks_before: Vec<HookName>,
+    /// Hooks run after the commit (post_deploy, post_rollback); their
+    /// failure is a warning: the release already serves.
+    #[serde(default)]
+    pub hooks_after: Vec<HookName>,
+    /// Hooks that frame an undo (pre_rollback, post_rollback).
+    #[serde(default)]
+    pub undo_hooks: bool,
+    /// The routed service smoke-checked before and after its switch.
+    #[serde(default)]
+    pub smoke: Option<String>,
+    /// Canary percentages (< 100) for every routed service, each held and judged.
+    #[serde(default)]
+    pub canary: Vec<u8>,
+    /// Watch the new release after the switch, before the commit.
+    #[serde(default)]
+    pub observe: bool,
+    /// Run the leaving release's `migrate.down` before the commit.
+    #[serde(default)]
+    pub migrate_down: bool,
+}
+
+/// The hooks a rollout can run; the engine finds each in the spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookName {
+    PreDeploy,
+    Backup,
+    Migrate,
+    PostDeploy,
+    PreRollback,
+    PostRollback,
+}
+
+impl HookName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookName::PreDeploy => "pre_deploy",
+            HookName::Backup => "backup",
+            HookName::Migrate => "migrate",
+            HookName::PostDeploy => "post_deploy",
+            HookName::PreRollback => "pre_rollback",
+            HookName::PostRollback => "post_rollback",
+        }
+    }
+}
+
+/// Smoke checks run twice: before any traffic moves, and after the switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SmokePhase {
+    BeforeSwitch,
+    AfterSwitch,
 }
 
 /// One step. Each is idempotent: after a crash the persisted step is taken again.
@@ -54,6 +109,19 @@ pub enum Step {
     },
     /// Wait until requests in flight on these current replicas have finished.
     Drain { service: String, old: Vec<u32> },
+    /// Run a hook; its exit code decides.
+    Hook { hook: HookName },
+    /// Smoke-check the target's replicas of `service`.
+    Smoke { service: String, phase: SmokePhase },
+    /// Send `percent` of the service's requests to the target's replicas.
+    Canary { service: String, percent: u8 },
+    /// Hold a canary step and judge it by the observation gates.
+    CanaryHold { service: String, percent: u8 },
+    /// The observation window: all traffic on the target, previous release
+    /// warm; any gate failing undoes the rollout.
+    Observe,
+    /// Undo the leaving release's migration (`migrate.down`).
+    MigrateDown,
     /// The point of no return: the target release becomes the serving one.
     Commit,
     /// Stop the previous release's containers (kept for rollback).
@@ -80,6 +148,12 @@ impl Step {
             Step::AwaitHealthy { .. } => "await_healthy",
             Step::Route { .. } => "route",
             Step::Drain { .. } => "drain",
+            Step::Hook { .. } => "hook",
+            Step::Smoke { .. } => "smoke",
+            Step::Canary { .. } => "canary",
+            Step::CanaryHold { .. } => "canary_hold",
+            Step::Observe => "observe",
+            Step::MigrateDown => "migrate_down",
             Step::Commit => "commit",
             Step::StopOld { .. } => "stop_old",
             Step::Prune => "prune",
@@ -97,13 +171,18 @@ impl Step {
             | Step::AwaitHealthy { service, .. }
             | Step::Route { service, .. }
             | Step::Drain { service, .. }
+            | Step::Smoke { service, .. }
+            | Step::Canary { service, .. }
+            | Step::CanaryHold { service, .. }
             | Step::StopOld { service }
             | Step::StartOld { service }
             | Step::AwaitHealthyOld { service }
             | Step::RouteOld { service }
             | Step::DrainNew { service }
             | Step::RetireNew { service, .. } => Some(service),
-            Step::Commit | Step::Prune => None,
+            Step::Commit | Step::Prune | Step::Hook { .. } | Step::Observe | Step::MigrateDown => {
+                None
+            }
         }
     }
 }
@@ -170,12 +249,24 @@ pub struct Rollout {
 
 impl Rollout {
     pub fn new(plan: Plan) -> Rollout {
-        let mut forward = Vec::new();
+        let mut forward: Vec<Step> = plan
+            .hooks_before
+            .iter()
+            .map(|&hook| Step::Hook { hook })
+            .collect();
         for s in &plan.services {
-            forward.extend(service_steps(s));
+            let smoke = plan.smoke.as_deref() == Some(s.service.as_str());
+            forward.extend(service_steps(s, &plan.canary, smoke));
+        }
+        if plan.observe {
+            forward.push(Step::Observe);
+        }
+        if plan.migrate_down {
+            forward.push(Step::MigrateDown);
         }
         let commit_at = forward.len();
         forward.push(Step::Commit);
+        forward.extend(plan.hooks_after.iter().map(|&hook| Step::Hook { hook }));
         for s in &plan.services {
             if s.old_replicas > 0 {
                 forward.push(Step::StopOld {
@@ -269,6 +360,11 @@ impl Rollout {
             self.cursor += 1;
             return;
         }
+        // Watching is safe to resume: traffic is on the target and the
+        // previous release is still warm, so the window simply starts again.
+        if matches!(self.forward.get(self.cursor), Some(Step::Observe)) {
+            return;
+        }
         let step = self
             .forward
             .get(self.cursor)
@@ -285,6 +381,11 @@ impl Rollout {
         // Undo every service that has been touched, last touched first.
         let touched = self.touched_services();
         let mut undo = Vec::new();
+        if self.plan.undo_hooks {
+            undo.push(Step::Hook {
+                hook: HookName::PreRollback,
+            });
+        }
         for s in touched.iter().rev() {
             let service = s.service.clone();
             if s.old_replicas > 0 {
@@ -311,6 +412,11 @@ impl Rollout {
                     remove: self.plan.remove_failed,
                 });
             }
+        }
+        if self.plan.undo_hooks {
+            undo.push(Step::Hook {
+                hook: HookName::PostRollback,
+            });
         }
         self.failure = Some(Failure {
             kind,
@@ -343,11 +449,11 @@ fn describe(step: &Step) -> String {
 }
 
 /// Forward steps for one service: batches of `parallel` replicas, each
-/// started, gated, routed in, and the replicas they replace drained.
-fn service_steps(s: &ServicePlan) -> Vec<Step> {
+/// started, gated, routed in, and the replicas they replace drained. With a
+/// canary, all replicas start at once and traffic moves by percentages.
+fn service_steps(s: &ServicePlan, canary: &[u8], smoke: bool) -> Vec<Step> {
     let mut steps = Vec::new();
     let service = || s.service.clone();
-    let parallel = s.parallel.max(1);
     if s.new_replicas == 0 {
         if s.routed && s.old_replicas > 0 {
             steps.push(Step::Route {
@@ -362,6 +468,17 @@ fn service_steps(s: &ServicePlan) -> Vec<Step> {
         }
         return steps;
     }
+    let smoke = smoke && s.routed;
+    let canary: Vec<u8> = if s.routed && s.old_replicas > 0 {
+        canary.iter().copied().filter(|p| *p < 100).collect()
+    } else {
+        vec![]
+    };
+    let parallel = if canary.is_empty() {
+        s.parallel.max(1)
+    } else {
+        s.new_replicas
+    };
     let mut done = 0;
     while done < s.new_replicas {
         let hi = (done + parallel).min(s.new_replicas);
@@ -375,6 +492,22 @@ fn service_steps(s: &ServicePlan) -> Vec<Step> {
             replicas: batch,
         });
         if s.routed {
+            if done == 0 && smoke {
+                steps.push(Step::Smoke {
+                    service: service(),
+                    phase: SmokePhase::BeforeSwitch,
+                });
+            }
+            for &percent in &canary {
+                steps.push(Step::Canary {
+                    service: service(),
+                    percent,
+                });
+                steps.push(Step::CanaryHold {
+                    service: service(),
+                    percent,
+                });
+            }
             let last = hi == s.new_replicas;
             let old: Vec<u32> = if last {
                 vec![]
@@ -396,6 +529,12 @@ fn service_steps(s: &ServicePlan) -> Vec<Step> {
                 steps.push(Step::Drain {
                     service: service(),
                     old: drained,
+                });
+            }
+            if last && smoke {
+                steps.push(Step::Smoke {
+                    service: service(),
+                    phase: SmokePhase::AfterSwitch,
                 });
             }
         }
@@ -422,6 +561,7 @@ mod tests {
         Plan {
             services,
             remove_failed: true,
+            ..Plan::default()
         }
     }
 
@@ -683,6 +823,7 @@ mod tests {
         let p = Plan {
             services: vec![svc("web", 1, 1, 1, true)],
             remove_failed: false,
+            ..Plan::default()
         };
         let (undo, _) = fail_at(p, 1);
         assert_eq!(
@@ -834,5 +975,186 @@ mod tests {
             reason: "late".into(),
         });
         assert_eq!(r.next(), Decision::Done(end));
+    }
+
+    fn full_plan() -> Plan {
+        Plan {
+            services: vec![svc("web", 1, 1, 1, true)],
+            remove_failed: true,
+            hooks_before: vec![HookName::PreDeploy, HookName::Backup, HookName::Migrate],
+            hooks_after: vec![HookName::PostDeploy],
+            undo_hooks: true,
+            smoke: Some("web".into()),
+            canary: vec![10, 50],
+            observe: true,
+            migrate_down: false,
+        }
+    }
+
+    #[test]
+    fn hooks_smoke_canary_and_observe_are_ordered() {
+        let mut r = Rollout::new(full_plan());
+        let (taken, end) = run_ok(&mut r);
+        assert_eq!(
+            names(&taken),
+            [
+                "hook",
+                "hook",
+                "hook",
+                "start_new",
+                "await_healthy",
+                "smoke",
+                "canary",
+                "canary_hold",
+                "canary",
+                "canary_hold",
+                "route",
+                "drain",
+                "smoke",
+                "observe",
+                "commit",
+                "hook",
+                "stop_old",
+                "prune"
+            ]
+        );
+        assert_eq!(
+            taken[0],
+            Step::Hook {
+                hook: HookName::PreDeploy
+            }
+        );
+        assert_eq!(
+            taken[2],
+            Step::Hook {
+                hook: HookName::Migrate
+            }
+        );
+        assert_eq!(
+            taken[5],
+            Step::Smoke {
+                service: "web".into(),
+                phase: SmokePhase::BeforeSwitch
+            }
+        );
+        assert_eq!(
+            taken[8],
+            Step::Canary {
+                service: "web".into(),
+                percent: 50
+            }
+        );
+        assert_eq!(
+            taken[15],
+            Step::Hook {
+                hook: HookName::PostDeploy
+            }
+        );
+        assert_eq!(end, Ending::Succeeded { warnings: vec![] });
+    }
+
+    #[test]
+    fn canary_starts_every_replica_at_once() {
+        let mut p = full_plan();
+        p.services = vec![svc("web", 3, 3, 1, true)];
+        let (taken, _) = run_ok(&mut Rollout::new(p));
+        assert!(taken.contains(&Step::StartNew {
+            service: "web".into(),
+            replicas: vec![0, 1, 2]
+        }));
+        assert_eq!(taken.iter().filter(|s| s.name() == "route").count(), 1);
+    }
+
+    #[test]
+    fn no_canary_without_a_previous_release_or_route() {
+        let mut p = full_plan();
+        p.services = vec![svc("web", 1, 0, 1, true), svc("worker", 1, 1, 1, false)];
+        let (taken, _) = run_ok(&mut Rollout::new(p));
+        assert!(!taken.iter().any(|s| matches!(s, Step::Canary { .. })));
+    }
+
+    #[test]
+    fn a_failing_gate_at_any_step_before_commit_is_undone_with_rollback_hooks() {
+        let p = full_plan();
+        let forward = Rollout::new(p.clone()).forward.clone();
+        let commit = forward.iter().position(|s| *s == Step::Commit).unwrap_or(0);
+        for (k, step) in forward.iter().enumerate().take(commit + 1) {
+            let (undo, end) = fail_at(p.clone(), k);
+            assert_eq!(
+                undo.first(),
+                Some(&Step::Hook {
+                    hook: HookName::PreRollback
+                }),
+                "at {k}"
+            );
+            assert_eq!(
+                undo.last(),
+                Some(&Step::Hook {
+                    hook: HookName::PostRollback
+                }),
+                "at {k}"
+            );
+            // Before the first start_new nothing of web was touched.
+            let touched = k >= 3;
+            assert_eq!(
+                undo.iter().any(|s| s.name() == "route_old"),
+                touched,
+                "at {k} ({})",
+                step.name()
+            );
+            assert!(matches!(end, Ending::RolledBack { .. }));
+        }
+    }
+
+    #[test]
+    fn post_commit_hook_failure_is_a_warning() {
+        let mut r = Rollout::new(full_plan());
+        while r.next()
+            != Decision::Take(Step::Hook {
+                hook: HookName::PostDeploy,
+            })
+        {
+            r.observe(Observation::Succeeded);
+        }
+        r.observe(Observation::Failed {
+            kind: FailureKind::Error,
+            reason: "exit 1".into(),
+        });
+        let (_, end) = run_ok(&mut r);
+        assert!(matches!(end, Ending::Succeeded { warnings } if warnings.len() == 1));
+    }
+
+    #[test]
+    fn an_interrupted_observation_is_resumed_not_undone() {
+        let mut r = Rollout::new(full_plan());
+        while r.next() != Decision::Take(Step::Observe) {
+            r.observe(Observation::Succeeded);
+        }
+        r.recover(false);
+        assert_eq!(r.next(), Decision::Take(Step::Observe));
+        assert!(r.failure().is_none());
+    }
+
+    #[test]
+    fn an_interrupted_canary_hold_is_undone() {
+        let mut r = Rollout::new(full_plan());
+        while !matches!(r.next(), Decision::Take(Step::CanaryHold { .. })) {
+            r.observe(Observation::Succeeded);
+        }
+        r.recover(false);
+        assert_eq!(r.failure().map(|f| f.kind), Some(FailureKind::Interrupted));
+    }
+
+    #[test]
+    fn migrate_down_comes_before_the_commit() {
+        let p = Plan {
+            services: vec![svc("web", 1, 1, 1, true)],
+            migrate_down: true,
+            ..Plan::default()
+        };
+        let (taken, _) = run_ok(&mut Rollout::new(p));
+        let md = taken.iter().position(|s| *s == Step::MigrateDown);
+        let commit = taken.iter().position(|s| *s == Step::Commit);
+        assert!(md.is_some() && md < commit);
     }
 }

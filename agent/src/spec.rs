@@ -20,6 +20,106 @@ pub struct ProjectSpec {
     /// Named volumes (name as written, without prefix).
     pub volumes: Vec<VolumeSpec>,
     pub source: SourceSnapshot,
+    /// Project-wide rollout settings (top-level `x-deploy` only).
+    #[serde(default)]
+    pub rollout: RolloutSettings,
+}
+
+/// `observe`, `canary` and `hooks` under the top-level `x-deploy`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RolloutSettings {
+    /// `None`: the agent config's default for this host's environment.
+    pub observe: Option<ObserveSettings>,
+    /// Percent of requests sent to the new release, step by step (the last
+    /// is always 100). Empty: switch at once.
+    pub canary: Vec<u8>,
+    /// How long each canary step is held and judged. Default 30s.
+    #[serde(with = "duration_ms", default = "default_canary_hold")]
+    pub canary_hold: Duration,
+    pub hooks: Hooks,
+}
+
+fn default_canary_hold() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The observation window after the switch, and its gates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObserveSettings {
+    /// How long to watch after the switch. 0: no window.
+    #[serde(with = "duration_ms")]
+    pub window: Duration,
+    /// Consecutive probe failures that fail the window. Default 3.
+    pub unhealthy_after: u32,
+    /// Share of 5xx responses (0.0-1.0) above which the release fails. Default 0.05.
+    pub max_error_rate: f64,
+    /// The error rate must stay above the threshold this long. Default 2m.
+    #[serde(with = "duration_ms")]
+    pub error_rate_for: Duration,
+    /// Fewer requests than this in the period: not judged. Default 20.
+    pub min_requests: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Hooks {
+    pub pre_deploy: Option<Hook>,
+    pub backup: Option<Hook>,
+    pub migrate: Option<Hook>,
+    pub smoke: Option<Smoke>,
+    pub post_deploy: Option<Hook>,
+    pub pre_rollback: Option<Hook>,
+    pub post_rollback: Option<Hook>,
+}
+
+/// A one-off command: its exit code decides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hook {
+    pub run: HookRun,
+    /// Killed after this long, and the hook fails. Default 10m.
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+    /// A warning event after this long (default for migrate: 5m).
+    #[serde(with = "opt_duration_ms")]
+    pub warn_after: Option<Duration>,
+    /// `migrate` only: the command that undoes it, run on rollback only when
+    /// asked (`--migrate-down`).
+    pub down: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookRun {
+    /// A one-off container from `service`'s image of the release, with its
+    /// environment and networks.
+    Container {
+        service: String,
+        command: Vec<String>,
+    },
+    /// A command on the host; only when the agent config allows host hooks.
+    Host { command: Vec<String> },
+}
+
+/// Smoke checks: run against the new release before the switch (through a
+/// private proxy route) and again after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Smoke {
+    /// The routed service whose containers are checked.
+    pub service: String,
+    pub checks: Vec<SmokeCheck>,
+    /// Instead of (or besides) HTTP checks, a command.
+    pub command: Option<Hook>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SmokeCheck {
+    /// Default GET.
+    pub method: String,
+    pub path: String,
+    /// Expected status, default 200.
+    pub status: u16,
+    pub body_contains: Option<String>,
+    #[serde(with = "opt_duration_ms")]
+    pub max_latency: Option<Duration>,
 }
 
 /// What the spec was made from, kept verbatim for the release snapshot.

@@ -25,6 +25,9 @@ pub mod exit {
     /// The host is not ready: Docker unreachable, proxy not running, state
     /// store unusable, or an unexpected Docker error. The message says which.
     pub const ENVIRONMENT: i32 = 5;
+    /// Refused by authorization (the mTLS identity has no role, or not the
+    /// role needed, in this environment) or by a policy gate. Nothing changed.
+    pub const DENIED: i32 = 6;
 }
 
 /// Which operation a request or a record is about.
@@ -52,7 +55,7 @@ impl OperationKind {
 /// The compose text travels with the request (not just its path) so that a
 /// remote client can send it; `compose_path` is used for messages and to
 /// resolve relative paths (`env_file`, bind mounts) on the host.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DeployRequest {
     pub project: String,
     pub release: String,
@@ -66,10 +69,33 @@ pub struct DeployRequest {
     pub lock_wait_ms: Option<u64>,
     #[serde(default)]
     pub reason: Option<String>,
+    /// Run the `migrate` hook on this host (the controller picks one host).
+    #[serde(default)]
+    pub run_migrations: bool,
+    /// Answer once traffic has switched; the daemon finishes the observation
+    /// window on its own (and rolls back by itself if a gate fails).
+    #[serde(default)]
+    pub no_wait: bool,
+    // --- fleet deploys (deploy-controller, issue 4) ---
+    /// The fleet deployment this belongs to. When an environment lease is
+    /// held on the agent (`POST /v1/lock`), only its holder may deploy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<String>,
+    /// Promotion / no tag drift: service name to the exact `repo@sha256:…`
+    /// to run. The agent pulls these references instead of resolving the
+    /// compose file's tags, and refuses one whose repository differs from
+    /// the service's image.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pinned: BTreeMap<String, String>,
+    /// The environment's observation window from the controller's inventory
+    /// (pass-through: overrides the agent's default when the engine honours it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observe_window_ms: Option<u64>,
+    // --- end fleet deploys ---
 }
 
 /// A request to put a retained release back.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RollbackRequest {
     pub project: String,
     /// `None`: the previous release.
@@ -79,6 +105,12 @@ pub struct RollbackRequest {
     pub lock_wait_ms: Option<u64>,
     #[serde(default)]
     pub reason: Option<String>,
+    /// Also run the leaving release's `migrate.down` (code-only otherwise).
+    #[serde(default)]
+    pub migrate_down: bool,
+    /// The fleet deployment this belongs to (see [`DeployRequest::deployment_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<String>,
 }
 
 /// How an operation ended.
@@ -95,6 +127,8 @@ pub enum Outcome {
     RegistryError,
     Locked,
     EnvironmentError,
+    /// Refused by authorization or a policy gate (HTTP 403); nothing changed.
+    Denied,
 }
 
 impl Outcome {
@@ -106,6 +140,7 @@ impl Outcome {
             Outcome::RegistryError => exit::REGISTRY,
             Outcome::Locked => exit::LOCKED,
             Outcome::EnvironmentError => exit::ENVIRONMENT,
+            Outcome::Denied => exit::DENIED,
         }
     }
 
@@ -118,6 +153,7 @@ impl Outcome {
             Outcome::RegistryError => "registry_error",
             Outcome::Locked => "locked",
             Outcome::EnvironmentError => "environment_error",
+            Outcome::Denied => "denied",
         }
     }
 }
@@ -168,6 +204,27 @@ pub struct OperationResult {
     /// Service name to pinned image (`repo@sha256:…`).
     #[serde(default)]
     pub digests: BTreeMap<String, String>,
+    /// When the release was undone after traffic had moved: milliseconds
+    /// from the decision to traffic being back on the previous release.
+    #[serde(default)]
+    pub switch_back_ms: Option<u64>,
+    /// Hooks that ran, in order.
+    #[serde(default)]
+    pub hooks: Vec<HookReport>,
+}
+
+/// What a hook did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HookReport {
+    /// e.g. `migrate`, `smoke (before switch)`.
+    pub hook: String,
+    pub succeeded: bool,
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+    pub duration_ms: u64,
+    /// The last lines of its output (all of it is in the audit record).
+    #[serde(default)]
+    pub output_tail: Vec<String>,
 }
 
 /// `deploy-agent status`.
@@ -223,9 +280,150 @@ pub struct HistoryEntry {
     pub message: Option<String>,
 }
 
-/// An error answer from the daemon's API.
+/// An error answer from the daemon's API. Build it with [`ApiError::new`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiError {
     pub outcome: Outcome,
     pub message: String,
+    /// `Locked` by an environment lease: who holds it and until when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<Box<Lease>>,
+    /// `Denied` by authorization: which identity, environment and role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied: Option<Box<Denial>>,
+}
+
+impl ApiError {
+    pub fn new(outcome: Outcome, message: impl Into<String>) -> ApiError {
+        ApiError {
+            outcome,
+            message: message.into(),
+            holder: None,
+            denied: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The fleet API (issue 4): what `deploy-controller` and the agent's HTTPS
+// API (mutual TLS) exchange besides deploy / rollback / status / history.
+// The same routes answer on the unix socket, where the local user counts as
+// a deployer.
+// ---------------------------------------------------------------------------
+
+/// What an mTLS identity may do on an agent (agent.toml `[grants]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// status, history, audit, release records.
+    Reader,
+    /// Also deploy, rollback, pre-pull and the environment lock.
+    Deployer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Deployer => "deployer",
+        }
+    }
+}
+
+/// Why an mTLS request was refused with 403.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Denial {
+    /// `mtls:<certificate CN>`.
+    pub identity: String,
+    /// The agent's `environment`.
+    pub environment: String,
+    /// The role the request needs.
+    pub required: Role,
+    /// The role the identity has here (`None`: no grant at all).
+    pub granted: Option<Role>,
+}
+
+/// `POST /v1/pull`: pull and pin every image of a release without changing
+/// anything that runs (the controller's pre-pull).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PullRequest {
+    pub project: String,
+    pub release: String,
+    pub compose_path: String,
+    pub compose_text: String,
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    /// Service name to `repo@sha256:…`: pull exactly these (promotion).
+    #[serde(default)]
+    pub pinned: BTreeMap<String, String>,
+}
+
+/// The answer to `POST /v1/pull`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PullResult {
+    pub host: String,
+    pub project: String,
+    pub release: String,
+    /// Service name to pinned image (`repo@sha256:…`).
+    pub digests: BTreeMap<String, String>,
+    /// The release serving the project on this host now, if any.
+    pub serving: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// `POST /v1/lock` and `POST /v1/lock/renew`: take or extend the
+/// environment lease for `ttl_ms`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockRequest {
+    pub deployment_id: String,
+    pub ttl_ms: u64,
+    /// What the holder is doing, for whoever is refused (e.g. `deploy of v2`).
+    #[serde(default)]
+    pub purpose: Option<String>,
+}
+
+/// `DELETE /v1/lock`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnlockRequest {
+    pub deployment_id: String,
+}
+
+/// The environment lease held on an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The environment it locks (the agent's `environment`).
+    pub environment: String,
+    pub deployment_id: String,
+    /// Who took it: `mtls:<CN>` or `unix:<user>`.
+    pub identity: String,
+    #[serde(default)]
+    pub purpose: Option<String>,
+    /// UTC, RFC 3339.
+    pub acquired_at: String,
+    /// UTC, RFC 3339: after this anyone may take it over.
+    pub expires_at: String,
+}
+
+/// The answer to a successful lock request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockGranted {
+    pub lease: Lease,
+    /// An expired lease of another deployment that this one replaced.
+    #[serde(default)]
+    pub took_over: Option<Lease>,
+}
+
+/// `GET /v1/release?project=&release=`: a release as this host recorded it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseInfo {
+    pub host: String,
+    pub project: String,
+    pub release: String,
+    /// `deploying`, `good`, `failed` or `pruned`.
+    pub state: String,
+    pub created_at: String,
+    /// Service name to pinned image (`repo@sha256:…`).
+    pub digests: BTreeMap<String, String>,
+    /// It serves the project now.
+    pub serving: bool,
 }

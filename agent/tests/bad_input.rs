@@ -37,6 +37,7 @@ fn deploy_under_load(
     let out = h.deploy_with(PROJECT, file, release, extra, &[]);
     std::thread::sleep(Duration::from_millis(300));
     let report = load.stop();
+    eprintln!("{out}\n{}", report.summary());
     report.assert_clean(&["v1"]);
     h.assert_current(PROJECT, "v1");
     h.assert_serving(port, "v1");

@@ -92,6 +92,7 @@ fn second_deploy_fails_with_exit_4_naming_the_holder() {
     let first_pid = first.pid();
     let first = first.wait();
 
+    eprintln!("{second}");
     second.expect_code(4);
     assert_eq!(second.result()["outcome"], "locked", "{second}");
     let text = second.text();
@@ -173,6 +174,7 @@ fn deploy_without_the_proxy_exits_5_saying_how_to_start_it() {
     // Through the daemon, then by the CLI itself.
     for via in ["daemon", "cli"] {
         let out = h.deploy(PROJECT, &file, "v1");
+        eprintln!("{out}");
         out.expect_code(5);
         assert_eq!(out.result()["outcome"], "environment_error", "{out}");
         assert!(
@@ -234,7 +236,11 @@ fn audit_log_verifies_and_exports_after_a_normal_sequence() {
     let file = h.write_compose("compose.yml", &Compose::web(port));
     h.deploy_ok(PROJECT, &file, "v1");
     h.deploy_ok(PROJECT, &file, "v2");
-    h.deploy(PROJECT, &file, "v3").expect_code(1);
+    let v3 = h.write_compose(
+        "compose-v3.yml",
+        &Compose::web(port).edit("web", |s| s.health(|h| h.deadline = "5s".into())),
+    );
+    h.deploy(PROJECT, &v3, "v3").expect_code(1);
     h.rollback(PROJECT, None).expect_code(0);
     h.assert_current(PROJECT, "v1");
 
@@ -285,6 +291,7 @@ fn tampered_audit_log_fails_verification(delete: bool) {
 
     let tampered = h.tamper_audit_log(delete);
     let verify = h.audit_verify();
+    eprintln!("{}\n{verify}", tampered.description);
     assert!(
         verify.code.is_some() && verify.code != Some(0),
         "`audit verify` must fail after: {}\n{verify}",
@@ -341,5 +348,35 @@ fn service_without_ports_deploys_beside_a_web_service() {
         2,
         "one container per service: {:?}",
         h.containers()
+    );
+}
+
+#[test]
+fn state_dir_and_config_come_from_the_environment_too() {
+    let h = Harness::builder(BIN).no_daemon().start();
+    let port = h.free_port();
+    let file = h.write_compose("compose.yml", &Compose::web(port));
+    h.deploy_ok(PROJECT, &file, "v1");
+    let out = h.cli_via_env(&["status", "--json"]);
+    out.expect_code(0);
+    let status: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("status --json: {e}\n{out}"));
+    let current = status["projects"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["project"] == PROJECT))
+        .map(|p| p["current"].clone());
+    assert_eq!(
+        current,
+        Some(serde_json::Value::from("v1")),
+        "DEPLOY_AGENT_STATE_DIR must select the same state: {status:#}"
+    );
+    // The instance from DEPLOY_AGENT_CONFIG: the running container is ours.
+    let running = h.running_containers();
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert!(
+        running[0]
+            .name
+            .starts_with(&format!("{}-{PROJECT}-", h.instance)),
+        "container names start with <instance>-<project>-: {running:?}"
     );
 }

@@ -140,7 +140,12 @@ fn deploy_v1_to_v2_under_load_drops_nothing_and_completes_slow_requests() {
 
 #[test]
 fn failed_deploy_of_broken_v3_keeps_v2_serving_under_load() {
-    let (h, port, file) = serving(&["v1", "v2"]);
+    let (h, port, _) = serving(&["v1", "v2"]);
+    // The same project, with a shorter deadline: v3 never becomes healthy.
+    let file = h.write_compose(
+        "compose-v3.yml",
+        &Compose::web(port).edit("web", |s| s.health(|h| h.deadline = "5s".into())),
+    );
     let load = started_load(port);
     let out = h.deploy(PROJECT, &file, "v3");
     std::thread::sleep(Duration::from_millis(500));

@@ -94,7 +94,8 @@ build_one() {
         echo "image $ref is up to date"
         return
     fi
-    local root
+    local old root
+    old="$(docker image inspect --format '{{.Id}}' "$ref" 2>/dev/null || true)"
     root="$(mktemp -d)"
     make_rootfs "$root" "$name"
     local expose=(--change 'EXPOSE 80')
@@ -108,6 +109,8 @@ build_one() {
             --change "LABEL io.deploy-testkit.inputs=$HASH io.deploy-testkit.release=$name" \
             - "$ref" >/dev/null
     rm -rf "$root"
+    # The image this one replaces, unless something still uses it.
+    [ -z "$old" ] || docker rmi "$old" >/dev/null 2>&1 || true
     echo "built $ref"
 }
 

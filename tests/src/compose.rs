@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use crate::env::REGISTRY;
 
 /// `x-deploy.health` of a service. Defaults are fast, for tests: an HTTP
-/// probe of `/health` every 300 ms, healthy after 1 success, deadline 15 s.
+/// probe of `/health` every 300 ms, healthy after 1 success, deadline 10 s.
 #[derive(Debug, Clone)]
 pub struct Health {
     pub http: String,
@@ -28,7 +28,7 @@ impl Default for Health {
             healthy_after: 1,
             unhealthy_after: 3,
             start_period: "0s".into(),
-            deadline: "15s".into(),
+            deadline: "10s".into(),
         }
     }
 }

@@ -148,6 +148,15 @@ impl HarnessBuilder {
             fs::create_dir_all(d).expect("create test directories");
         }
         let mut toml = format!("instance = \"{instance}\"\n");
+        // The product's default observation window is minutes long; tests
+        // that watch after the switch set their own.
+        if !self
+            .extra_toml
+            .iter()
+            .any(|l| l.trim_start().starts_with("observe_window"))
+        {
+            toml.push_str("observe_window = \"0s\"\n");
+        }
         for line in &self.extra_toml {
             toml.push_str(line);
             toml.push('\n');
@@ -436,6 +445,34 @@ impl Harness {
             readers,
             started,
             exited: None,
+        }
+    }
+
+    /// Runs a CLI command that finds its state directory and config through
+    /// `DEPLOY_AGENT_STATE_DIR` and `DEPLOY_AGENT_CONFIG` instead of flags.
+    pub fn cli_via_env(&self, args: &[&str]) -> CliOutput {
+        let mut c = Command::new(&self.bin);
+        c.args(args)
+            .env("DEPLOY_AGENT_STATE_DIR", &self.state_dir)
+            .env("DEPLOY_AGENT_CONFIG", &self.config_path)
+            .env("DOCKER_CONFIG", &self.docker_config)
+            .env_remove("DEPLOY_AGENT_CRASH_AT");
+        let started = Instant::now();
+        let out = c
+            .output()
+            .unwrap_or_else(|e| panic!("run {} {args:?}: {e}", self.bin.display()));
+        CliOutput {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: vec![
+                format!("DEPLOY_AGENT_STATE_DIR={}", self.state_dir.display()),
+                format!("DEPLOY_AGENT_CONFIG={}", self.config_path.display()),
+            ],
+            code: out.status.code(),
+            signal: out.status.signal(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            started,
+            finished: Instant::now(),
         }
     }
 

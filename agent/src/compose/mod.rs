@@ -30,6 +30,7 @@ mod order;
 mod path;
 mod ports;
 mod raw;
+mod rollout;
 mod service;
 mod tree;
 
@@ -240,6 +241,7 @@ pub fn load(input: &LoadInput<'_>) -> Result<ProjectSpec, ComposeError> {
             interpolated: interpolator.used,
             env_files: cx.env_files,
         },
+        rollout: project.rollout,
     })
 }
 
@@ -369,13 +371,29 @@ fn interpolation_error(file: &str, path: &KeyPath, e: InterpolationError) -> Com
 
 /// Turns a deserialization error into our error, recognizing unknown keys.
 fn serde_error(file: &str, e: &serde_path_to_error::Error<serde_norway::Error>) -> ComposeError {
-    let path = KeyPath::from_serde(e.path());
+    serde_error_at(file, &KeyPath::root(), e)
+}
+
+/// [`serde_error`] for a value deserialized on its own, found at `prefix`.
+fn serde_error_at(
+    file: &str,
+    prefix: &KeyPath,
+    e: &serde_path_to_error::Error<serde_norway::Error>,
+) -> ComposeError {
+    let mut path = prefix.clone();
+    path.0.extend(KeyPath::from_serde(e.path()).0);
     let message = e.inner().to_string();
     if let Some(rest) = message.strip_prefix("unknown field `") {
         let key = rest.split('`').next().unwrap_or_default();
         let keys = path.keys();
         let parent = &keys[..keys.len().saturating_sub(1)];
-        let supported = supported_keys(rest);
+        // A service's `x-deploy` reads the project-wide keys only to refuse
+        // them: do not offer them there.
+        let exclude: &[&str] = match parent {
+            ["services", _, "x-deploy"] => raw::TOP_LEVEL_ONLY_KEYS,
+            _ => &[],
+        };
+        let supported = supported_keys(rest, exclude);
         return ComposeError::UnsupportedKey {
             file: file.to_string(),
             path: path.to_string(),
@@ -396,11 +414,16 @@ fn serde_error(file: &str, e: &serde_path_to_error::Error<serde_norway::Error>) 
 }
 
 /// The accepted keys from serde's "expected one of `a`, `b`" text.
-fn supported_keys(after_unknown: &str) -> String {
+fn supported_keys(after_unknown: &str, exclude: &[&str]) -> String {
     let Some((_, expected)) = after_unknown.split_once("expected") else {
         return "none".to_string();
     };
-    let keys: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let keys: Vec<&str> = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|k| !exclude.contains(k))
+        .collect();
     if keys.is_empty() {
         "none".to_string()
     } else {
@@ -417,6 +440,11 @@ fn key_context(parent: &[&str]) -> &'static str {
         ["services", _, "healthcheck"] => "`healthcheck`",
         ["x-deploy"] | ["services", _, "x-deploy"] => "`x-deploy`",
         ["x-deploy", "health"] | ["services", _, "x-deploy", "health"] => "`x-deploy.health`",
+        ["x-deploy", "observe"] => "`x-deploy.observe`",
+        ["x-deploy", "hooks"] => "`x-deploy.hooks`",
+        ["x-deploy", "hooks", "smoke"] => "`x-deploy.hooks.smoke`",
+        ["x-deploy", "hooks", "smoke", "checks", _] => "a smoke check",
+        ["x-deploy", "hooks", _] | ["x-deploy", "hooks", "smoke", "command"] => "a hook",
         ["services", _, "ports", _] => "a long-syntax port",
         ["services", _, "volumes", _] => "a long-syntax volume",
         ["services", _, "networks", _] => "a service's network entry",
@@ -452,6 +480,15 @@ fn key_hint(parent: &[&str], key: &str) -> Option<&'static str> {
         (["services", _, "networks", _], _) => Some(
             "write the network as a list item (`- front`) or with an empty mapping (`front: {}`)",
         ),
+        (["x-deploy", "hooks"], k) if k.contains('-') => {
+            Some("hook names are written with `_`, like `pre_deploy`")
+        }
+        (["x-deploy", "hooks", "smoke"], "timeout") => {
+            Some("give each check a `max_latency`, and the smoke `command` its own `timeout`")
+        }
+        (["x-deploy", "hooks", _], "environment" | "env_file" | "networks" | "image") => {
+            Some("a container hook runs with the image, environment and networks of its `service`")
+        }
         ([], "include" | "configs" | "secrets") => {
             Some("put everything the project needs in this one file; mount files with `volumes`")
         }

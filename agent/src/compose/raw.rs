@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_norway::Value;
 
 use super::duration::{DURATION_FORMS, duration_from_float_seconds, parse_duration};
 use crate::spec::ProxyMode;
@@ -196,10 +197,15 @@ pub(crate) struct RawVolume {
 }
 
 /// `x-deploy`, at the top level (defaults) or under a service.
+///
+/// `observe`, `canary`, `canary_hold` and `hooks` are project-wide. They are
+/// kept as YAML here and typed by [`super::rollout`] at the top level
+/// ([`RawObserve`], [`RawHooks`], ...); under a service they are refused
+/// whatever their value, with a message saying to move them to the top level.
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "an `x-deploy` mapping (health, drain_timeout, proxy, parallel)"
+    expecting = "an `x-deploy` mapping (health, drain_timeout, proxy, parallel; at the top level also observe, canary, canary_hold, hooks)"
 )]
 pub(crate) struct RawXDeploy {
     #[serde(default)]
@@ -210,6 +216,116 @@ pub(crate) struct RawXDeploy {
     pub proxy: Option<ProxyMode>,
     #[serde(default)]
     pub parallel: Option<Int>,
+    #[serde(default)]
+    pub observe: Option<Value>,
+    #[serde(default)]
+    pub canary: Option<Value>,
+    #[serde(default)]
+    pub canary_hold: Option<Value>,
+    #[serde(default)]
+    pub hooks: Option<Value>,
+}
+
+/// The keys of [`RawXDeploy`] that only the top-level `x-deploy` takes.
+pub(crate) const TOP_LEVEL_ONLY_KEYS: &[&str] = &["observe", "canary", "canary_hold", "hooks"];
+
+/// `x-deploy.observe`: the observation window after the switch.
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an `x-deploy.observe` mapping (window, unhealthy_after, max_error_rate, error_rate_for, min_requests)"
+)]
+pub(crate) struct RawObserve {
+    #[serde(default)]
+    pub window: Option<Dur>,
+    #[serde(default)]
+    pub unhealthy_after: Option<Int>,
+    #[serde(default)]
+    pub max_error_rate: Option<Rate>,
+    #[serde(default)]
+    pub error_rate_for: Option<Dur>,
+    #[serde(default)]
+    pub min_requests: Option<Int>,
+}
+
+/// `x-deploy.hooks`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an `x-deploy.hooks` mapping (pre_deploy, backup, migrate, smoke, post_deploy, pre_rollback, post_rollback)"
+)]
+pub(crate) struct RawHooks {
+    #[serde(default)]
+    pub pre_deploy: Option<RawHook>,
+    #[serde(default)]
+    pub backup: Option<RawHook>,
+    #[serde(default)]
+    pub migrate: Option<RawHook>,
+    #[serde(default)]
+    pub smoke: Option<RawSmoke>,
+    #[serde(default)]
+    pub post_deploy: Option<RawHook>,
+    #[serde(default)]
+    pub pre_rollback: Option<RawHook>,
+    #[serde(default)]
+    pub post_rollback: Option<RawHook>,
+}
+
+/// One hook: `service` + `command` (a one-off container) or `host` (a host
+/// command). Which combinations are valid, and `down` being for `migrate`
+/// only, is checked on conversion, where the message can say what to do.
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a hook mapping (service and command, or host; timeout, warn_after)"
+)]
+pub(crate) struct RawHook {
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub command: Option<OneOrMany>,
+    #[serde(default)]
+    pub host: Option<OneOrMany>,
+    #[serde(default)]
+    pub down: Option<OneOrMany>,
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    #[serde(default)]
+    pub warn_after: Option<Dur>,
+}
+
+/// `x-deploy.hooks.smoke`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an `x-deploy.hooks.smoke` mapping (service, checks, command)"
+)]
+pub(crate) struct RawSmoke {
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub checks: Option<Vec<RawSmokeCheck>>,
+    #[serde(default)]
+    pub command: Option<RawHook>,
+}
+
+/// One HTTP smoke check.
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a smoke check mapping (path, method, status, body_contains, max_latency)"
+)]
+pub(crate) struct RawSmokeCheck {
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub status: Option<Int>,
+    #[serde(default)]
+    pub body_contains: Option<Scalar>,
+    #[serde(default)]
+    pub max_latency: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,6 +431,74 @@ impl<'de> Deserialize<'de> for Int {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+/// A share between 0 and 1, written as a fraction (`0.05`) or a percentage
+/// (`"5%"`, `0.5%`), or a string holding either. The range is checked by the
+/// caller; `text` is what was written, for messages.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Rate {
+    pub value: f64,
+    pub text: String,
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Rate;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a percentage like `5%` or a fraction like `0.05`")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Rate, E> {
+                Ok(Rate {
+                    value: v,
+                    text: v.to_string(),
+                })
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Rate, E> {
+                // Exact for every rate that can pass the range check (0 or 1).
+                let value = v as f64;
+                Ok(Rate {
+                    value,
+                    text: v.to_string(),
+                })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Rate, E> {
+                let value = v as f64;
+                Ok(Rate {
+                    value,
+                    text: v.to_string(),
+                })
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Rate, E> {
+                parse_rate(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `5%`, `0.5 %`, `0.05`: a rate as text.
+fn parse_rate(text: &str) -> Result<Rate, String> {
+    let s = text.trim();
+    let (number, scale) = match s.strip_suffix('%') {
+        Some(n) => (n.trim_end(), 100.0),
+        None => (s, 1.0),
+    };
+    let is_decimal = !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && number.bytes().filter(|b| *b == b'.').count() <= 1
+        && number != ".";
+    match number.parse::<f64>() {
+        Ok(n) if is_decimal => Ok(Rate {
+            value: n / scale,
+            text: text.to_string(),
+        }),
+        _ => Err(format!(
+            "`{text}` is not an error rate: write a percentage like `5%` or a fraction like `0.05`"
+        )),
     }
 }
 

@@ -11,9 +11,11 @@ use super::raw::{
     ListOrMap, OneOrMany, RawFile, RawHealthcheck, RawNetwork, RawService, RawVolume, RawXDeploy,
     Scalar,
 };
+use super::rollout::{self, ServiceRef};
 use super::{ComposeError, Cx, OBJECT_NAME_RULE, envfile, is_object_name, mounts, order, ports};
 use crate::spec::{
-    DockerHealthcheck, MountSpec, NetworkSpec, PortSpec, RestartPolicy, ServiceSpec, VolumeSpec,
+    DockerHealthcheck, MountSpec, NetworkSpec, PortSpec, RestartPolicy, RolloutSettings,
+    ServiceSpec, VolumeSpec,
 };
 
 const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
@@ -25,6 +27,8 @@ pub(crate) struct Project {
     pub services: Vec<ServiceSpec>,
     pub networks: Vec<NetworkSpec>,
     pub volumes: Vec<VolumeSpec>,
+    /// From the top-level `x-deploy`.
+    pub rollout: RolloutSettings,
 }
 
 /// Converts the whole file: services in `depends_on` order, then networks
@@ -71,6 +75,16 @@ pub(crate) fn convert_project(cx: &mut Cx<'_>, raw: RawFile) -> Result<Project, 
     }
 
     check_port_conflicts(cx, &services)?;
+    // File order: the smoke checks' default service is the first one written
+    // that publishes ports.
+    let service_refs: Vec<ServiceRef<'_>> = services
+        .iter()
+        .map(|s| ServiceRef {
+            name: &s.spec.name,
+            has_ports: !s.spec.ports.is_empty(),
+        })
+        .collect();
+    let rollout = rollout::settings(cx, raw.x_deploy.as_ref(), &defaults_path, &service_refs)?;
     let services = sort_services(cx, services)?;
 
     let mut network_specs: Vec<NetworkSpec> = Vec::new();
@@ -90,6 +104,7 @@ pub(crate) fn convert_project(cx: &mut Cx<'_>, raw: RawFile) -> Result<Project, 
         services: services.into_iter().map(|s| s.spec).collect(),
         networks: network_specs,
         volumes,
+        rollout,
     })
 }
 
@@ -332,6 +347,9 @@ fn convert_service(
         .unwrap_or(DEFAULT_STOP_GRACE_PERIOD);
 
     let own_path = path.key("x-deploy");
+    if let Some(own) = &raw.x_deploy {
+        rollout::reject_in_service(cx, own, &own_path)?;
+    }
     let own = raw.x_deploy.as_ref().map(|raw: &RawXDeploy| Level {
         raw,
         path: &own_path,
@@ -382,7 +400,11 @@ fn mount_target(m: &MountSpec) -> &str {
 
 /// `command` / `entrypoint`: a string is split like a shell would (without
 /// running one), a list is taken as is.
-fn words(cx: &Cx<'_>, path: &KeyPath, value: OneOrMany) -> Result<Vec<String>, ComposeError> {
+pub(crate) fn words(
+    cx: &Cx<'_>,
+    path: &KeyPath,
+    value: OneOrMany,
+) -> Result<Vec<String>, ComposeError> {
     match value {
         OneOrMany::Many(items) => Ok(items),
         OneOrMany::One(s) => shell_words::split(&s).map_err(|e| {

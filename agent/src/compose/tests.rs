@@ -11,6 +11,9 @@ use crate::spec::{
     ProjectSpec, ProxyMode, RestartPolicy, VolumeSpec,
 };
 
+/// The top-level `x-deploy` rollout keys: observe, canary, hooks.
+mod rollout;
+
 const FILE: &str = "deploy/compose.yaml";
 
 fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -746,14 +749,15 @@ fn unknown_keys_everywhere_are_named() {
             "`deploy`: replicas",
         ),
         (
-            "services:\n  web:\n    image: nginx\n    x-deploy:\n      canary: true\n",
-            "services.web.x-deploy.canary",
-            "`x-deploy`: health, drain_timeout, proxy, parallel",
+            "services:\n  web:\n    image: nginx\n    x-deploy:\n      retries: 3\n",
+            "services.web.x-deploy.retries",
+            // The project-wide keys are not offered under a service.
+            "`x-deploy`: health, drain_timeout, proxy, parallel)",
         ),
         (
-            "x-deploy:\n  canary: true\nservices:\n  web:\n    image: nginx\n",
-            "x-deploy.canary",
-            "`x-deploy`: health",
+            "x-deploy:\n  retries: 3\nservices:\n  web:\n    image: nginx\n",
+            "x-deploy.retries",
+            "`x-deploy`: health, drain_timeout, proxy, parallel, observe, canary, canary_hold, hooks)",
         ),
         (
             "services:\n  web:\n    image: nginx\n    x-deploy:\n      health:\n        path: /x\n",

@@ -69,7 +69,10 @@ fn is_keyword_mapping(keys: &[&str]) -> bool {
     matches!(
         keys,
         [] | ["x-deploy"]
-            | ["x-deploy", "health"]
+            | ["x-deploy", "health" | "observe" | "hooks"]
+            | ["x-deploy", "hooks", _]
+            | ["x-deploy", "hooks", "smoke", "command"]
+            | ["x-deploy", "hooks", "smoke", "checks", "[]"]
             | ["services", _]
             | ["services", _, "deploy" | "healthcheck" | "x-deploy"]
             | ["services", _, "x-deploy", "health"]

@@ -6,9 +6,11 @@
 //! (`deploy-agent run`) and inside the CLI when no daemon answers, so a
 //! request does the same thing whichever way it arrives.
 
+mod hooks;
 mod probe;
 mod reconcile;
 mod steps;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -96,6 +98,16 @@ pub(crate) struct Ctx<'a> {
     pub previous: Option<&'a str>,
     pub who: &'a str,
     pub events: &'a Events,
+    /// What the result reports besides the ending.
+    pub report: std::sync::Mutex<OpReport>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct OpReport {
+    pub hooks: Vec<crate::wire::HookReport>,
+    /// When the rollout decided to undo (to time the switch back).
+    pub decided_at: Option<Instant>,
+    pub switch_back_ms: Option<u64>,
 }
 
 impl Engine {
@@ -170,6 +182,8 @@ impl Engine {
                 req.lock_wait_ms,
             )
             .await?;
+        // issue 4: while a fleet deployment holds the environment lease, only it deploys.
+        crate::api::check_lease(&self.store, &self.config, req.deployment_id.as_deref(), who)?;
         self.recover_project(&req.project, ev).await?;
 
         let serving = self.store.serving(&req.project)?;
@@ -224,7 +238,16 @@ impl Engine {
                     Some(&svc.name),
                     &format!("pulling {}", svc.image),
                 );
-                let pulled = self.docker.pull(&svc.image, &self.config).await?;
+                // issue 4: a pinned digest (promotion) is pulled as is, never re-resolved.
+                let pinned_ref = req.pinned.get(&svc.name);
+                let pulled = crate::api::pull::pull_service(
+                    &self.docker,
+                    &self.config,
+                    &svc.name,
+                    &svc.image,
+                    pinned_ref,
+                )
+                .await?;
                 self.store.record_image(
                     &pulled.image_id,
                     &pulled.pinned,
@@ -257,7 +280,15 @@ impl Engine {
             digests: digests.clone(),
             image_ids,
         })?;
-        let plan = make_plan(&spec, old_spec.as_ref(), true);
+        let plan = self.make_plan(
+            &spec,
+            old_spec.as_ref(),
+            PlanOptions {
+                rollback: false,
+                run_migrations: req.run_migrations,
+                migrate_down: false,
+            },
+        )?;
         let ctx = Ctx {
             kind: OperationKind::Deploy,
             project: &req.project,
@@ -266,6 +297,7 @@ impl Engine {
             previous: current.as_deref(),
             who,
             events: ev,
+            report: Default::default(),
         };
         let op_id = self.begin(&ctx, req.reason.clone(), &digests)?;
         let ending = self.run(op_id, Rollout::new(plan), &ctx).await;
@@ -303,6 +335,8 @@ impl Engine {
         let _lock = self
             .lock(&req.project, &what, who, req.lock_wait_ms)
             .await?;
+        // issue 4: while a fleet deployment holds the environment lease, only it rolls back.
+        crate::api::check_lease(&self.store, &self.config, req.deployment_id.as_deref(), who)?;
         self.recover_project(&req.project, ev).await?;
         let serving = self.store.serving(&req.project)?.unwrap_or_default();
         let Some(current) = serving.current.clone() else {
@@ -381,9 +415,18 @@ impl Engine {
             previous: Some(&current),
             who,
             events: ev,
+            report: Default::default(),
         };
         let op_id = self.begin(&ctx, req.reason.clone(), &record.digests)?;
-        let plan = make_plan(&spec, Some(&old_spec), false);
+        let plan = self.make_plan(
+            &spec,
+            Some(&old_spec),
+            PlanOptions {
+                rollback: true,
+                run_migrations: false,
+                migrate_down: req.migrate_down,
+            },
+        )?;
         let ending = self.run(op_id, Rollout::new(plan), &ctx).await;
         self.finish(op_id, &ctx, ending, false, started)
     }
@@ -418,6 +461,13 @@ impl Engine {
                     step.service(),
                     &format!("failed: {reason}"),
                 );
+            }
+            if matches!(obs, Observation::Failed { .. })
+                && rollout.failure().is_none()
+                && !rollout.committed()
+                && let Ok(mut r) = ctx.report.lock()
+            {
+                r.decided_at = Some(Instant::now());
             }
             rollout.observe(obs);
         }
@@ -566,7 +616,7 @@ impl Engine {
             outcome = outcome.as_str(),
             "{message}"
         );
-        Ok(self.result(
+        let mut result = self.result(
             ctx.kind,
             ctx.project,
             release,
@@ -577,7 +627,12 @@ impl Engine {
             gate,
             started,
             digests,
-        ))
+        );
+        if let Ok(mut r) = ctx.report.lock() {
+            result.hooks = std::mem::take(&mut r.hooks);
+            result.switch_back_ms = r.switch_back_ms;
+        }
+        Ok(result)
     }
 
     /// A request refused before any step: audited, nothing changed.
@@ -653,6 +708,8 @@ impl Engine {
             gate,
             duration_ms: millis(started.elapsed()),
             digests,
+            switch_back_ms: None,
+            hooks: Vec::new(),
         }
     }
 
@@ -745,9 +802,96 @@ impl Engine {
     }
 }
 
-/// The rollout plan: target services in order, then services only the old
-/// release has (they are unpublished and stopped).
-pub fn make_plan(target: &ProjectSpec, old: Option<&ProjectSpec>, remove_failed: bool) -> Plan {
+/// What an operation asks of the plan beyond the two specs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlanOptions {
+    pub rollback: bool,
+    pub run_migrations: bool,
+    pub migrate_down: bool,
+}
+
+impl Engine {
+    /// The rollout plan: target services in order, then services only the
+    /// old release has (they are unpublished and stopped), framed by the
+    /// hooks, smoke checks, canary and observation the request calls for.
+    pub fn make_plan(
+        &self,
+        target: &ProjectSpec,
+        old: Option<&ProjectSpec>,
+        opts: PlanOptions,
+    ) -> Result<Plan, OpError> {
+        use crate::rollout::HookName;
+        let config_error = |m: String| OpError::new(Outcome::ConfigError, m);
+        let hooks = &target.rollout.hooks;
+        let mut plan = Plan {
+            services: plan_services(target, old),
+            remove_failed: !opts.rollback,
+            smoke: hooks.smoke.as_ref().map(|s| s.service.clone()),
+            ..Plan::default()
+        };
+        for (name, hook) in [
+            ("pre_deploy", &hooks.pre_deploy),
+            ("backup", &hooks.backup),
+            ("migrate", &hooks.migrate),
+            ("post_deploy", &hooks.post_deploy),
+            ("pre_rollback", &hooks.pre_rollback),
+            ("post_rollback", &hooks.post_rollback),
+        ] {
+            if let Some(h) = hook
+                && matches!(h.run, crate::spec::HookRun::Host { .. })
+                && !self.config.allow_host_hooks
+            {
+                return Err(config_error(format!(
+                    "hook {name} runs a host command, which this agent does not allow; run it in a container (service + command) or set allow_host_hooks = true in agent.toml"
+                )));
+            }
+        }
+        if opts.rollback {
+            if hooks.pre_rollback.is_some() {
+                plan.hooks_before.push(HookName::PreRollback);
+            }
+            if hooks.post_rollback.is_some() {
+                plan.hooks_after.push(HookName::PostRollback);
+            }
+            if opts.migrate_down {
+                let has_down = old
+                    .and_then(|o| o.rollout.hooks.migrate.as_ref())
+                    .is_some_and(|m| m.down.is_some());
+                if !has_down {
+                    return Err(config_error(format!(
+                        "--migrate-down: release {} defines no x-deploy.hooks.migrate.down",
+                        old.map(|o| o.release.as_str()).unwrap_or("?")
+                    )));
+                }
+                plan.migrate_down = true;
+            }
+        } else {
+            if hooks.pre_deploy.is_some() {
+                plan.hooks_before.push(HookName::PreDeploy);
+            }
+            if opts.run_migrations && hooks.migrate.is_some() {
+                if self.config.backup_before_migrate {
+                    if hooks.backup.is_none() {
+                        return Err(config_error(
+                            "this agent requires a backup before migrations (backup_before_migrate = true) but the compose file defines no x-deploy.hooks.backup".into(),
+                        ));
+                    }
+                    plan.hooks_before.push(HookName::Backup);
+                }
+                plan.hooks_before.push(HookName::Migrate);
+            }
+            if hooks.post_deploy.is_some() {
+                plan.hooks_after.push(HookName::PostDeploy);
+            }
+            plan.undo_hooks = hooks.pre_rollback.is_some() || hooks.post_rollback.is_some();
+            plan.canary = target.rollout.canary.clone();
+            plan.observe = !self.observe_settings_for(target).window.is_zero();
+        }
+        Ok(plan)
+    }
+}
+
+fn plan_services(target: &ProjectSpec, old: Option<&ProjectSpec>) -> Vec<ServicePlan> {
     let old_replicas = |name: &str| {
         old.and_then(|o| o.services.iter().find(|s| s.name == name))
             .map(|s| s.replicas)
@@ -780,10 +924,7 @@ pub fn make_plan(target: &ProjectSpec, old: Option<&ProjectSpec>, remove_failed:
             }
         }
     }
-    Plan {
-        services,
-        remove_failed,
-    }
+    services
 }
 
 pub(crate) fn emit(

@@ -40,7 +40,19 @@ impl Engine {
         }
     }
 
-    async fn probe_once(
+    /// One probe, counted in the metrics (`deploy_agent_probes_total`).
+    pub(crate) async fn probe_once(
+        &self,
+        container: &str,
+        svc: &ServiceSpec,
+        first: &crate::docker::ContainerInfo,
+    ) -> ProbeResult {
+        let result = self.probe_uncounted(container, svc, first).await;
+        crate::metrics::PROBES.record(&svc.deploy.health.probe, &result);
+        result
+    }
+
+    async fn probe_uncounted(
         &self,
         container: &str,
         svc: &ServiceSpec,

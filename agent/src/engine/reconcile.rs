@@ -97,7 +97,13 @@ impl Engine {
                 previous: op.previous.as_deref(),
                 who: RECONCILER,
                 events: ev,
+                report: Default::default(),
             };
+            if rollout.failure().is_some()
+                && let Ok(mut r) = ctx.report.lock()
+            {
+                r.decided_at = Some(Instant::now());
+            }
             let ending = self.run(op.id, rollout, &ctx).await;
             self.finish(op.id, &ctx, ending, true, started)?;
         }

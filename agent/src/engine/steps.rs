@@ -57,7 +57,7 @@ impl Engine {
                 say(&format!(
                     "switching traffic: {release} replicas {new:?}, previous replicas {old:?}"
                 ));
-                self.route(ctx, service, new, old).await
+                self.route(ctx, service, new, old, None).await
             }
             Step::Drain { service, old } => {
                 let svc = ctx.old.and_then(|o| service_of(o, service));
@@ -66,6 +66,48 @@ impl Engine {
             Step::Commit => self
                 .commit(ctx)
                 .map(|()| say(&format!("{release} is now the serving release"))),
+            Step::Hook { hook } => self.hook_step(ctx, *hook).await,
+            Step::Smoke { service, phase } => self.smoke_step(ctx, service, *phase).await,
+            Step::Canary { service, percent } => {
+                say(&format!(
+                    "canary: {percent}% of {service}'s requests to {release}"
+                ));
+                let n = service_of(ctx.target, service)
+                    .map(|s| s.replicas)
+                    .unwrap_or(0);
+                let old_n = ctx
+                    .old
+                    .and_then(|o| service_of(o, service))
+                    .map(|s| s.replicas)
+                    .unwrap_or(0);
+                self.route(
+                    ctx,
+                    service,
+                    &(0..n).collect::<Vec<_>>(),
+                    &(0..old_n).collect::<Vec<_>>(),
+                    Some(*percent),
+                )
+                .await
+            }
+            Step::CanaryHold { service, percent } => match service_of(ctx.target, service) {
+                Some(svc) => {
+                    self.watch(
+                        ctx,
+                        &[svc],
+                        ctx.target.rollout.canary_hold,
+                        &format!("canary {percent}%"),
+                    )
+                    .await
+                }
+                None => Ok(()),
+            },
+            Step::Observe => {
+                let window = self.observe_settings(ctx).window;
+                let services: Vec<&ServiceSpec> = ctx.target.services.iter().collect();
+                self.watch(ctx, &services, window, "observation window")
+                    .await
+            }
+            Step::MigrateDown => self.migrate_down_step(ctx).await,
             Step::StopOld { service } => {
                 match (ctx.old, ctx.old.and_then(|o| service_of(o, service))) {
                     (Some(old), Some(svc)) => {
@@ -109,8 +151,17 @@ impl Engine {
                     "switching traffic back to {}",
                     ctx.previous.unwrap_or("nothing")
                 ));
-                self.route(ctx, service, &[], &(0..old_n).collect::<Vec<_>>())
-                    .await
+                let routed = self
+                    .route(ctx, service, &[], &(0..old_n).collect::<Vec<_>>(), None)
+                    .await;
+                if routed.is_ok()
+                    && let Ok(mut r) = ctx.report.lock()
+                    && let Some(at) = r.decided_at
+                {
+                    r.switch_back_ms =
+                        Some(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX));
+                }
+                routed
             }
             Step::DrainNew { service } => {
                 let svc = service_of(ctx.target, service);
@@ -147,6 +198,41 @@ impl Engine {
         replicas: &[u32],
     ) -> StepResult {
         let Some(svc) = svc else { return Ok(()) };
+        let (networks, volumes) = self.resources(project, spec, svc).await?;
+        for &i in replicas {
+            let name = self.container_name(project, &svc.name, &spec.release, i);
+            match self.docker.inspect(&name).await.map_err(error)? {
+                Some(c) if c.running => {}
+                Some(_) => self.docker.start(&name).await.map_err(error)?,
+                None => {
+                    let mut labels = svc
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect::<HashMap<_, _>>();
+                    labels.extend(self.labels(project, Some((&svc.name, &spec.release, i))));
+                    let plan = ContainerPlan {
+                        name: name.clone(),
+                        image: &svc.image,
+                        service: svc,
+                        labels,
+                        networks: networks.clone(),
+                        volumes: &volumes,
+                    };
+                    self.docker.create_and_start(&plan).await.map_err(error)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Create the networks and volumes `svc` uses; their Docker names.
+    pub(crate) async fn resources(
+        &self,
+        project: &str,
+        spec: &ProjectSpec,
+        svc: &ServiceSpec,
+    ) -> Result<(Vec<String>, BTreeMap<String, String>), (FailureKind, String)> {
         let labels = self.labels(project, None);
         let mut networks = Vec::new();
         for net in &svc.networks {
@@ -179,31 +265,7 @@ impl Engine {
             }
             volumes.insert(v.name.clone(), name);
         }
-        for &i in replicas {
-            let name = self.container_name(project, &svc.name, &spec.release, i);
-            match self.docker.inspect(&name).await.map_err(error)? {
-                Some(c) if c.running => {}
-                Some(_) => self.docker.start(&name).await.map_err(error)?,
-                None => {
-                    let mut labels = svc
-                        .labels
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect::<HashMap<_, _>>();
-                    labels.extend(self.labels(project, Some((&svc.name, &spec.release, i))));
-                    let plan = ContainerPlan {
-                        name: name.clone(),
-                        image: &svc.image,
-                        service: svc,
-                        labels,
-                        networks: networks.clone(),
-                        volumes: &volumes,
-                    };
-                    self.docker.create_and_start(&plan).await.map_err(error)?;
-                }
-            }
-        }
-        Ok(())
+        Ok((networks, volumes))
     }
 
     pub(crate) fn labels(
@@ -268,7 +330,24 @@ impl Engine {
     /// target (`new`) and of the serving release (`old`), atomically per port.
     /// When one release leaves the route entirely, the ports only it
     /// published stop being published; both empty: stop publishing.
-    async fn route(&self, ctx: &Ctx<'_>, service: &str, new: &[u32], old: &[u32]) -> StepResult {
+    ///
+    /// `percent`: a canary split, the target's replicas getting that share.
+    async fn route(
+        &self,
+        ctx: &Ctx<'_>,
+        service: &str,
+        new: &[u32],
+        old: &[u32],
+        percent: Option<u8>,
+    ) -> StepResult {
+        // Weights that give the target `percent` of requests overall.
+        let (w_new, w_old) = match percent {
+            Some(p) => (
+                u32::from(p) * (old.len() as u32).max(1),
+                u32::from(100 - p.min(100)) * (new.len() as u32).max(1),
+            ),
+            None => (1, 1),
+        };
         let tsvc = service_of(ctx.target, service);
         let osvc = ctx.old.and_then(|o| service_of(o, service));
         // Listeners are those of the release that serves after this step.
@@ -286,20 +365,22 @@ impl Engine {
                 let mut backends = Vec::new();
                 if let Some(tp) = tsvc.and_then(|t| target_port(t, bind)) {
                     for &i in new {
-                        backends.push(
-                            self.backend(ctx.project, &ctx.target.release, service, i, tp)
-                                .await?,
-                        );
+                        let mut b = self
+                            .backend(ctx.project, &ctx.target.release, service, i, tp)
+                            .await?;
+                        b.weight = w_new;
+                        backends.push(b);
                     }
                 }
                 if let (Some(op), Some(old_spec)) =
                     (osvc.and_then(|o| target_port(o, bind)), ctx.old)
                 {
                     for &i in old {
-                        backends.push(
-                            self.backend(ctx.project, &old_spec.release, service, i, op)
-                                .await?,
-                        );
+                        let mut b = self
+                            .backend(ctx.project, &old_spec.release, service, i, op)
+                            .await?;
+                        b.weight = w_old;
+                        backends.push(b);
                     }
                 }
                 let route = Route {

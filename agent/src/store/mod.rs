@@ -21,7 +21,9 @@
 //! [`timestamp_now`]); a fixed width keeps them comparable as text.
 
 pub mod audit;
+pub mod lease;
 mod schema;
+mod stats;
 #[cfg(test)]
 mod tests;
 
@@ -38,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::wire::{self, OperationKind, Outcome};
 
 pub use audit::{AuditEntry, AuditRecord, AuditVerification, GENESIS_HASH};
+pub use stats::{DurationBuckets, OperationCount, Refusals};
 
 /// How long a statement waits for another process's write lock before
 /// giving up. Writes are milliseconds long; 10 s means something is wrong.

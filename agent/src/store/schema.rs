@@ -86,6 +86,19 @@ const MIGRATIONS: &[&str] = &[
         SELECT RAISE(ABORT, 'the audit log is append-only: records cannot be deleted');
     END;
     "#,
+    // v2 (issue 4): the environment lease that deploy-controller takes on
+    // every host of an environment (see `store::lease`). One row per
+    // environment; an expired row may be taken over.
+    r#"
+    CREATE TABLE leases (
+        environment   TEXT PRIMARY KEY NOT NULL,
+        deployment_id TEXT NOT NULL,
+        identity      TEXT NOT NULL,
+        purpose       TEXT,
+        acquired_at   TEXT NOT NULL,
+        expires_at    TEXT NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this build writes.

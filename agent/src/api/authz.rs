@@ -1,0 +1,207 @@
+//! Authorization of the HTTPS API: who (the client certificate's identity)
+//! may call what (the role a route needs), in this agent's environment.
+//!
+//! Pure functions, so that the whole table is unit-tested. The unix socket
+//! does not go through here: a local user who can open `agent.sock` (mode
+//! 0660) is trusted as a deployer.
+
+use std::collections::BTreeMap;
+
+use http::Method;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::wire::{Denial, Role};
+
+/// The role a request needs. Reads are `Reader`; everything else, including
+/// any route this table does not know, is `Deployer` (deny by default).
+pub fn required_role(method: &Method, path: &str) -> Role {
+    let read = *method == Method::GET || *method == Method::HEAD;
+    match path {
+        "/v1/ping" | "/v1/status" | "/v1/history" | "/v1/audit" | "/v1/release" | "/v1/lock"
+        | "/metrics"
+            if read =>
+        {
+            Role::Reader
+        }
+        _ => Role::Deployer,
+    }
+}
+
+/// Checks `identity` (the certificate's, without the `mtls:` prefix)
+/// against the grants of `environment`. `Ok` carries the granted role.
+pub fn authorize(
+    grants: &BTreeMap<String, Role>,
+    environment: &str,
+    identity: &str,
+    method: &Method,
+    path: &str,
+) -> Result<Role, Denial> {
+    let required = required_role(method, path);
+    let granted = grants.get(identity).copied();
+    match granted {
+        Some(role) if role >= required => Ok(role),
+        _ => Err(Denial {
+            identity: format!("mtls:{identity}"),
+            environment: environment.to_string(),
+            required,
+            granted,
+        }),
+    }
+}
+
+/// The message of a 403: what was refused, and what to change.
+pub fn denial_message(d: &Denial, method: &Method, path: &str) -> String {
+    let who = d.identity.trim_start_matches("mtls:");
+    match d.granted {
+        None => format!(
+            "{method} {path} refused: identity {} has no role in environment {}; it needs role {} \
+             (grant it in this agent's agent.toml: [grants] \"{who}\" = \"{}\", or use a certificate made for {})",
+            d.identity,
+            d.environment,
+            d.required.as_str(),
+            d.required.as_str(),
+            d.environment
+        ),
+        Some(role) => format!(
+            "{method} {path} refused: identity {} is a {} in environment {}; this needs role {}",
+            d.identity,
+            role.as_str(),
+            d.environment,
+            d.required.as_str()
+        ),
+    }
+}
+
+/// The identity a client certificate (DER) carries: its subject CN, else
+/// its first DNS (or URI) subject alternative name.
+pub fn certificate_identity(der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    if let Some(cn) = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .filter(|s| !s.is_empty())
+    {
+        return Some(cn.to_string());
+    }
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|g| match g {
+        GeneralName::DNSName(d) | GeneralName::URI(d) => Some(d.to_string()),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grants() -> BTreeMap<String, Role> {
+        BTreeMap::from([
+            ("ci-production".to_string(), Role::Deployer),
+            ("dashboard".to_string(), Role::Reader),
+        ])
+    }
+
+    #[test]
+    fn reads_need_reader_and_everything_else_deployer() {
+        for p in [
+            "/v1/ping",
+            "/v1/status",
+            "/v1/history",
+            "/v1/audit",
+            "/v1/release",
+            "/v1/lock",
+            "/metrics",
+        ] {
+            assert_eq!(required_role(&Method::GET, p), Role::Reader, "{p}");
+        }
+        for (m, p) in [
+            (Method::POST, "/v1/deploy"),
+            (Method::POST, "/v1/rollback"),
+            (Method::POST, "/v1/pull"),
+            (Method::POST, "/v1/lock"),
+            (Method::POST, "/v1/lock/renew"),
+            (Method::DELETE, "/v1/lock"),
+            (Method::POST, "/v1/status"),
+            (Method::GET, "/v1/unknown"),
+            (Method::GET, "/v1/status/../deploy"),
+        ] {
+            assert_eq!(required_role(&m, p), Role::Deployer, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn a_deployer_may_do_everything_a_reader_only_read() {
+        let g = grants();
+        assert_eq!(
+            authorize(
+                &g,
+                "production",
+                "ci-production",
+                &Method::POST,
+                "/v1/deploy"
+            ),
+            Ok(Role::Deployer)
+        );
+        assert_eq!(
+            authorize(
+                &g,
+                "production",
+                "ci-production",
+                &Method::GET,
+                "/v1/status"
+            ),
+            Ok(Role::Deployer)
+        );
+        assert_eq!(
+            authorize(&g, "production", "dashboard", &Method::GET, "/v1/audit"),
+            Ok(Role::Reader)
+        );
+        let d =
+            authorize(&g, "production", "dashboard", &Method::POST, "/v1/rollback").unwrap_err();
+        assert_eq!(d.granted, Some(Role::Reader));
+        assert_eq!(d.required, Role::Deployer);
+        let msg = denial_message(&d, &Method::POST, "/v1/rollback");
+        assert!(
+            msg.contains("mtls:dashboard") && msg.contains("reader") && msg.contains("deployer")
+        );
+    }
+
+    #[test]
+    fn an_identity_without_a_grant_is_told_what_it_needs() {
+        let d = authorize(
+            &grants(),
+            "production",
+            "ci-staging",
+            &Method::GET,
+            "/v1/status",
+        )
+        .unwrap_err();
+        assert_eq!(
+            d,
+            Denial {
+                identity: "mtls:ci-staging".into(),
+                environment: "production".into(),
+                required: Role::Reader,
+                granted: None,
+            }
+        );
+        let msg = denial_message(&d, &Method::GET, "/v1/status");
+        assert!(msg.contains("mtls:ci-staging"), "{msg}");
+        assert!(msg.contains("environment production"), "{msg}");
+        assert!(msg.contains("needs role reader"), "{msg}");
+    }
+
+    #[test]
+    fn identities_are_exact() {
+        let g = grants();
+        assert!(authorize(&g, "p", "CI-PRODUCTION", &Method::GET, "/v1/status").is_err());
+        assert!(authorize(&g, "p", "", &Method::GET, "/v1/status").is_err());
+    }
+
+    #[test]
+    fn garbage_is_no_certificate() {
+        assert_eq!(certificate_identity(b"not a certificate"), None);
+    }
+}

@@ -1,0 +1,449 @@
+//! The fleet side of the agent's API (issue 4): what `deploy-controller`
+//! needs besides deploy / rollback / status / history, and the HTTPS server
+//! with mutual TLS that serves the daemon's whole router to the network.
+//!
+//! - [`routes`]: `POST /v1/pull` (pre-pull and pin, nothing changes),
+//!   `GET /v1/audit`, `GET /v1/release`, and the environment lease
+//!   (`GET|POST|DELETE /v1/lock`, `POST /v1/lock/renew`). They are merged
+//!   into the daemon's router, so they answer on the unix socket (the local
+//!   user counts as a deployer) and over mTLS alike.
+//! - [`tls`]: the HTTPS listener (`api_listen` in agent.toml). Each request
+//!   is authorized ([`authz`]) by the client certificate's identity and the
+//!   role `[grants]` gives it in this agent's `environment`; a refusal is a
+//!   403 with an [`ApiError`] saying who, where and what role, and an
+//!   `api.denied` audit record. The identity becomes [`Peer::who`] as
+//!   `mtls:<CN>`, so every record names the certificate.
+//! - [`check_lease`]: while a controller holds the environment lease, only
+//!   its deployment may deploy or roll back on this host.
+
+pub mod authz;
+pub mod pull;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::connect_info::ConnectInfo;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+use crate::config::AgentConfig;
+use crate::daemon::Peer;
+use crate::engine::{Engine, OpError};
+use crate::store::lease::LeaseError;
+use crate::store::{AuditEntry, Store};
+use crate::wire::{
+    ApiError, LockGranted, LockRequest, Outcome, PullRequest, ReleaseInfo, UnlockRequest,
+};
+
+/// The environment name of an agent without `environment` in agent.toml.
+pub const DEFAULT_ENVIRONMENT: &str = "default";
+
+/// Shortest and longest lease a controller may ask for.
+pub const MIN_LEASE: Duration = Duration::from_millis(500);
+pub const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
+
+/// This agent's environment.
+pub fn environment(cfg: &AgentConfig) -> &str {
+    cfg.environment.as_deref().unwrap_or(DEFAULT_ENVIRONMENT)
+}
+
+/// The checks of agent.toml's TLS API keys (called by `AgentConfig::parse`).
+pub fn validate_config(cfg: &AgentConfig) -> Result<(), String> {
+    if let Some(env) = &cfg.environment
+        && !valid_name(env)
+    {
+        return Err(format!(
+            "key `environment`: {env:?} must be 1-64 characters of letters, digits, `-`, `_` and `.`"
+        ));
+    }
+    for (identity, _) in cfg.grants.iter() {
+        if identity.trim().is_empty() || identity.starts_with("mtls:") {
+            return Err(format!(
+                "key `grants`: {identity:?} is not a certificate identity; use the certificate's CN, e.g. \"ci-production\""
+            ));
+        }
+    }
+    if let Some(addr) = cfg.api_listen {
+        let mut missing = Vec::new();
+        if cfg.tls_cert.is_none() {
+            missing.push("tls_cert");
+        }
+        if cfg.tls_key.is_none() {
+            missing.push("tls_key");
+        }
+        if cfg.tls_ca.is_none() {
+            missing.push("tls_ca");
+        }
+        if cfg.environment.is_none() {
+            missing.push("environment");
+        }
+        if !missing.is_empty() {
+            return Err(format!(
+                "key `api_listen` = \"{addr}\" needs {} as well (the HTTPS API always uses mutual TLS; \
+                 `deploy-controller pki issue --kind agent` makes the certificate)",
+                missing.join(", ")
+            ));
+        }
+        if cfg.grants.is_empty() {
+            return Err(format!(
+                "key `api_listen` = \"{addr}\": no `[grants]`, so every client would be refused; \
+                 grant at least one certificate identity a role, e.g. [grants] \"ci-{}\" = \"deployer\"",
+                environment(cfg)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Refuses a deploy or rollback while another deployment holds this
+/// environment's lease. `who` is the caller's identity: the lease's owner
+/// is its deployment id *and* the identity that took it.
+pub fn check_lease(
+    store: &Store,
+    config: &AgentConfig,
+    deployment_id: Option<&str>,
+    who: &str,
+) -> Result<(), OpError> {
+    let env = environment(config);
+    let Some(lease) = store.active_lease(env, jiff::Timestamp::now())? else {
+        return Ok(());
+    };
+    if deployment_id == Some(lease.deployment_id.as_str()) && who == lease.identity {
+        return Ok(());
+    }
+    Err(OpError::new(
+        Outcome::Locked,
+        format!(
+            "environment {env} is locked by deployment {} ({}{}) until {}: a fleet deployment is in progress on this host; \
+             wait for it to end (or for its lock to expire) and retry",
+            lease.deployment_id,
+            lease.identity,
+            lease
+                .purpose
+                .as_ref()
+                .map(|p| format!(", {p}"))
+                .unwrap_or_default(),
+            lease.expires_at
+        ),
+    ))
+}
+
+/// The HTTP status of an error answer.
+pub fn status_of(outcome: Outcome) -> StatusCode {
+    match outcome {
+        Outcome::ConfigError => StatusCode::BAD_REQUEST,
+        Outcome::Denied => StatusCode::FORBIDDEN,
+        Outcome::Locked => StatusCode::CONFLICT,
+        Outcome::RegistryError => StatusCode::BAD_GATEWAY,
+        Outcome::EnvironmentError => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn error(e: ApiError) -> Response {
+    (status_of(e.outcome), Json(e)).into_response()
+}
+
+fn op_error(e: OpError) -> Response {
+    error(ApiError::new(e.outcome, e.message))
+}
+
+/// The routes of this module, to merge into the daemon's router.
+pub fn routes(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/v1/pull", post(pull))
+        .route("/v1/audit", get(audit))
+        .route("/v1/release", get(release))
+        .route("/v1/lock", get(lock_get).post(lock).delete(unlock))
+        .route("/v1/lock/renew", post(renew))
+        .with_state(engine)
+}
+
+async fn pull(
+    State(engine): State<Arc<Engine>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Json(req): Json<PullRequest>,
+) -> Response {
+    match pull::pre_pull(&engine, &req).await {
+        Ok(r) => {
+            tracing::info!(who = %peer.who, project = %req.project, release = %req.release, "pre-pulled {} image(s)", r.digests.len());
+            Json(r).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(who = %peer.who, project = %req.project, release = %req.release, "pre-pull failed: {}", e.message);
+            op_error(e)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    project: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn audit(State(engine): State<Arc<Engine>>, Query(q): Query<AuditQuery>) -> Response {
+    let limit = q.limit.unwrap_or(100).min(100_000);
+    match engine.store.audit(q.project.as_deref(), limit) {
+        Ok(records) => Json(records).into_response(),
+        Err(e) => op_error(e.into()),
+    }
+}
+
+#[derive(Deserialize)]
+struct ReleaseQuery {
+    project: Option<String>,
+    release: Option<String>,
+}
+
+async fn release(State(engine): State<Arc<Engine>>, Query(q): Query<ReleaseQuery>) -> Response {
+    let (Some(project), Some(release)) = (q.project, q.release) else {
+        return error(ApiError::new(
+            Outcome::ConfigError,
+            "GET /v1/release needs ?project=P&release=R",
+        ));
+    };
+    let record = match engine.store.release(&project, &release) {
+        Ok(r) => r,
+        Err(e) => return op_error(e.into()),
+    };
+    let Some(record) = record else {
+        let mut resp = error(ApiError::new(
+            Outcome::ConfigError,
+            format!(
+                "release {release} of project {project} was never deployed on this host (or its record was pruned)"
+            ),
+        ));
+        *resp.status_mut() = StatusCode::NOT_FOUND;
+        return resp;
+    };
+    let serving = match engine.store.serving(&project) {
+        Ok(s) => s.and_then(|s| s.current).as_deref() == Some(release.as_str()),
+        Err(e) => return op_error(e.into()),
+    };
+    Json(ReleaseInfo {
+        host: hostname(),
+        project,
+        release,
+        state: record.state.as_str().to_string(),
+        created_at: record.created_at,
+        digests: record.digests,
+        serving,
+    })
+    .into_response()
+}
+
+fn check_request(deployment_id: &str, ttl_ms: Option<u64>) -> Result<Duration, ApiError> {
+    if deployment_id.is_empty()
+        || deployment_id.len() > 128
+        || deployment_id
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(ApiError::new(
+            Outcome::ConfigError,
+            format!(
+                "deployment_id {deployment_id:?} must be 1-128 printable characters without spaces"
+            ),
+        ));
+    }
+    let ttl = Duration::from_millis(ttl_ms.unwrap_or(60_000));
+    if !(MIN_LEASE..=MAX_LEASE).contains(&ttl) {
+        return Err(ApiError::new(
+            Outcome::ConfigError,
+            format!(
+                "ttl_ms {} is out of range: a lease lasts between {} ms and {} ms",
+                ttl.as_millis(),
+                MIN_LEASE.as_millis(),
+                MAX_LEASE.as_millis()
+            ),
+        ));
+    }
+    Ok(ttl)
+}
+
+fn audit_lock(
+    engine: &Engine,
+    who: &str,
+    action: &str,
+    detail: serde_json::Value,
+) -> Result<(), ApiError> {
+    let mut entry = AuditEntry::new(who, action);
+    entry.detail = detail;
+    engine.store.append_audit(&entry).map(|_| ()).map_err(|e| {
+        ApiError::new(
+            Outcome::EnvironmentError,
+            format!(
+                "the lock request was not completed: its audit record could not be written: {e}"
+            ),
+        )
+    })
+}
+
+fn lease_error(e: LeaseError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        LeaseError::Held(holder) => {
+            let mut a = ApiError::new(
+                Outcome::Locked,
+                format!(
+                    "{message}; wait for that deployment to finish, or retry with --lock-wait DURATION"
+                ),
+            );
+            a.holder = Some(holder);
+            a
+        }
+        LeaseError::NotHolder { current, .. } => {
+            let mut a = ApiError::new(
+                Outcome::Locked,
+                format!(
+                    "{message}; the lock was lost (it expired, and another deployment may have taken it over)"
+                ),
+            );
+            a.holder = current;
+            a
+        }
+        LeaseError::Store(_) => ApiError::new(Outcome::EnvironmentError, message),
+    }
+}
+
+async fn lock_get(State(engine): State<Arc<Engine>>) -> Response {
+    let env = environment(&engine.config);
+    match engine.store.active_lease(env, jiff::Timestamp::now()) {
+        Ok(l) => Json(l).into_response(),
+        Err(e) => op_error(e.into()),
+    }
+}
+
+async fn lock(
+    State(engine): State<Arc<Engine>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Json(req): Json<LockRequest>,
+) -> Response {
+    let ttl = match check_request(&req.deployment_id, Some(req.ttl_ms)) {
+        Ok(t) => t,
+        Err(e) => return error(e),
+    };
+    let env = environment(&engine.config).to_string();
+    let result = engine.store.acquire_lease(
+        &env,
+        &req.deployment_id,
+        &peer.who,
+        req.purpose.as_deref(),
+        ttl,
+        jiff::Timestamp::now(),
+    );
+    match result {
+        Ok(a) => {
+            if !a.extended {
+                let action = if a.took_over.is_some() {
+                    "lock.taken_over"
+                } else {
+                    "lock.acquired"
+                };
+                let detail = serde_json::json!({
+                    "environment": env,
+                    "deployment_id": req.deployment_id,
+                    "purpose": req.purpose,
+                    "expires_at": a.lease.expires_at,
+                    "previous_holder": a.took_over,
+                });
+                if let Err(e) = audit_lock(&engine, &peer.who, action, detail) {
+                    return error(e);
+                }
+                tracing::info!(who = %peer.who, deployment = %req.deployment_id, "{action} for environment {env}");
+            }
+            Json(LockGranted {
+                lease: a.lease,
+                took_over: a.took_over,
+            })
+            .into_response()
+        }
+        Err(e) => {
+            let api = lease_error(e);
+            if let Some(h) = &api.holder {
+                let detail = serde_json::json!({
+                    "environment": env,
+                    "deployment_id": req.deployment_id,
+                    "holder": h,
+                });
+                if let Err(e) = audit_lock(&engine, &peer.who, "lock.refused", detail) {
+                    return error(e);
+                }
+            }
+            error(api)
+        }
+    }
+}
+
+async fn renew(
+    State(engine): State<Arc<Engine>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Json(req): Json<LockRequest>,
+) -> Response {
+    let ttl = match check_request(&req.deployment_id, Some(req.ttl_ms)) {
+        Ok(t) => t,
+        Err(e) => return error(e),
+    };
+    let env = environment(&engine.config);
+    match engine.store.renew_lease(
+        env,
+        &req.deployment_id,
+        &peer.who,
+        ttl,
+        jiff::Timestamp::now(),
+    ) {
+        Ok(lease) => Json(lease).into_response(),
+        Err(e) => error(lease_error(e)),
+    }
+}
+
+async fn unlock(
+    State(engine): State<Arc<Engine>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Json(req): Json<UnlockRequest>,
+) -> Response {
+    if let Err(e) = check_request(&req.deployment_id, None) {
+        return error(e);
+    }
+    let env = environment(&engine.config).to_string();
+    match engine
+        .store
+        .release_lease(&env, &req.deployment_id, &peer.who)
+    {
+        Ok(released) => {
+            if released.is_some() {
+                let detail = serde_json::json!({
+                    "environment": env,
+                    "deployment_id": req.deployment_id,
+                });
+                if let Err(e) = audit_lock(&engine, &peer.who, "lock.released", detail) {
+                    return error(e);
+                }
+            }
+            Json(released).into_response()
+        }
+        Err(e) => error(lease_error(e)),
+    }
+}
+
+/// The host name this agent reports.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}

@@ -1,0 +1,354 @@
+//! The environment lease (issue 4): one deployment per environment at a time.
+//!
+//! `deploy-controller` takes a lease on every host of an environment before
+//! it rolls anything, renews it while it runs, and releases it at the end.
+//! A lease has an owner (deployment id + the identity that took it) and an
+//! expiry: a controller that dies stops renewing, and once the expiry has
+//! passed anyone may take the lease over (the agent audits that). One row
+//! per environment; all checks run in an IMMEDIATE transaction so two
+//! controllers racing for the same host cannot both win.
+//!
+//! Unlike the [`HostLock`](crate::lock::HostLock) (a kernel flock held for
+//! the length of one operation on one host), a lease spans a whole fleet
+//! rollout and outlives any single request, hence a row with an expiry.
+
+use std::time::Duration;
+
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+
+use super::{Store, StoreError};
+use crate::wire::Lease;
+
+/// Why a lease request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(
+        "environment {} is locked by deployment {} ({}{}) until {}",
+        .0.environment, .0.deployment_id, .0.identity,
+        .0.purpose.as_ref().map(|p| format!(", {p}")).unwrap_or_default(), .0.expires_at
+    )]
+    Held(Box<Lease>),
+    #[error("deployment {deployment_id} does not hold the lease of environment {environment}{}",
+        .current.as_ref().map(|c| format!(" (deployment {} of {} does, until {})", c.deployment_id, c.identity, c.expires_at))
+            .unwrap_or_else(|| " (nobody does)".into()))]
+    NotHolder {
+        environment: String,
+        deployment_id: String,
+        current: Option<Box<Lease>>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A lease taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acquired {
+    pub lease: Lease,
+    /// The expired lease of another deployment that was replaced.
+    pub took_over: Option<Lease>,
+    /// The owner already held it: this only extended it.
+    pub extended: bool,
+}
+
+/// `now` as the store writes it (fixed width, so text order = time order).
+fn ts(t: jiff::Timestamp) -> String {
+    format!("{t:.3}")
+}
+
+fn plus(now: jiff::Timestamp, ttl: Duration) -> jiff::Timestamp {
+    let ttl = jiff::SignedDuration::try_from(ttl).unwrap_or(jiff::SignedDuration::MAX);
+    now.checked_add(ttl).unwrap_or(jiff::Timestamp::MAX)
+}
+
+/// Whether `lease` has expired at `now`. An unreadable expiry counts as
+/// expired: a damaged row must not lock an environment forever.
+pub fn expired(lease: &Lease, now: jiff::Timestamp) -> bool {
+    lease
+        .expires_at
+        .parse::<jiff::Timestamp>()
+        .map(|e| e <= now)
+        .unwrap_or(true)
+}
+
+fn same_owner(lease: &Lease, deployment_id: &str, identity: &str) -> bool {
+    lease.deployment_id == deployment_id && lease.identity == identity
+}
+
+const COLUMNS: &str = "environment, deployment_id, identity, purpose, acquired_at, expires_at";
+
+fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
+    Ok(Lease {
+        environment: r.get(0)?,
+        deployment_id: r.get(1)?,
+        identity: r.get(2)?,
+        purpose: r.get(3)?,
+        acquired_at: r.get(4)?,
+        expires_at: r.get(5)?,
+    })
+}
+
+impl Store {
+    /// The lease row of `environment`, expired or not.
+    pub fn lease(&self, environment: &str) -> Result<Option<Lease>, StoreError> {
+        const OP: &str = "reading the environment lease";
+        self.conn()
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM leases WHERE environment = ?1"),
+                [environment],
+                from_row,
+            )
+            .optional()
+            .map_err(self.sql(OP))
+    }
+
+    /// The lease of `environment` if it is in force at `now`.
+    pub fn active_lease(
+        &self,
+        environment: &str,
+        now: jiff::Timestamp,
+    ) -> Result<Option<Lease>, StoreError> {
+        Ok(self.lease(environment)?.filter(|l| !expired(l, now)))
+    }
+
+    /// Takes the lease for `ttl` from `now`. The same owner asking again
+    /// extends it; another owner's lease in force is [`LeaseError::Held`];
+    /// an expired one is replaced (and returned in `took_over`).
+    pub fn acquire_lease(
+        &self,
+        environment: &str,
+        deployment_id: &str,
+        identity: &str,
+        purpose: Option<&str>,
+        ttl: Duration,
+        now: jiff::Timestamp,
+    ) -> Result<Acquired, LeaseError> {
+        const OP: &str = "taking the environment lease";
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql(OP))?;
+        let existing: Option<Lease> = tx
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM leases WHERE environment = ?1"),
+                [environment],
+                from_row,
+            )
+            .optional()
+            .map_err(self.sql(OP))?;
+        let (acquired_at, took_over, extended) = match existing {
+            Some(l) if same_owner(&l, deployment_id, identity) => (l.acquired_at, None, true),
+            Some(l) if !expired(&l, now) => return Err(LeaseError::Held(Box::new(l))),
+            Some(l) => (ts(now), Some(l), false),
+            None => (ts(now), None, false),
+        };
+        let lease = Lease {
+            environment: environment.to_string(),
+            deployment_id: deployment_id.to_string(),
+            identity: identity.to_string(),
+            purpose: purpose.map(str::to_string),
+            acquired_at,
+            expires_at: ts(plus(now, ttl)),
+        };
+        tx.execute(
+            &format!(
+                "INSERT INTO leases ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (environment) DO UPDATE SET
+                    deployment_id = excluded.deployment_id, identity = excluded.identity,
+                    purpose = excluded.purpose, acquired_at = excluded.acquired_at,
+                    expires_at = excluded.expires_at"
+            ),
+            params![
+                lease.environment,
+                lease.deployment_id,
+                lease.identity,
+                lease.purpose,
+                lease.acquired_at,
+                lease.expires_at
+            ],
+        )
+        .map_err(self.sql(OP))?;
+        tx.commit().map_err(self.sql(OP))?;
+        Ok(Acquired {
+            lease,
+            took_over,
+            extended,
+        })
+    }
+
+    /// Extends the holder's lease to `now + ttl`. Also after its expiry, as
+    /// long as nobody took it over: a renewal that came late is not a loss.
+    pub fn renew_lease(
+        &self,
+        environment: &str,
+        deployment_id: &str,
+        identity: &str,
+        ttl: Duration,
+        now: jiff::Timestamp,
+    ) -> Result<Lease, LeaseError> {
+        const OP: &str = "renewing the environment lease";
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql(OP))?;
+        let existing: Option<Lease> = tx
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM leases WHERE environment = ?1"),
+                [environment],
+                from_row,
+            )
+            .optional()
+            .map_err(self.sql(OP))?;
+        let mut lease = match existing {
+            Some(l) if same_owner(&l, deployment_id, identity) => l,
+            current => {
+                return Err(LeaseError::NotHolder {
+                    environment: environment.to_string(),
+                    deployment_id: deployment_id.to_string(),
+                    current: current.map(Box::new),
+                });
+            }
+        };
+        lease.expires_at = ts(plus(now, ttl));
+        tx.execute(
+            "UPDATE leases SET expires_at = ?2 WHERE environment = ?1",
+            params![environment, lease.expires_at],
+        )
+        .map_err(self.sql(OP))?;
+        tx.commit().map_err(self.sql(OP))?;
+        Ok(lease)
+    }
+
+    /// Gives the lease up. Releasing a lease nobody holds is fine (`None`);
+    /// releasing another owner's is [`LeaseError::NotHolder`].
+    pub fn release_lease(
+        &self,
+        environment: &str,
+        deployment_id: &str,
+        identity: &str,
+    ) -> Result<Option<Lease>, LeaseError> {
+        const OP: &str = "releasing the environment lease";
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql(OP))?;
+        let existing: Option<Lease> = tx
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM leases WHERE environment = ?1"),
+                [environment],
+                from_row,
+            )
+            .optional()
+            .map_err(self.sql(OP))?;
+        match existing {
+            None => Ok(None),
+            Some(l) if same_owner(&l, deployment_id, identity) => {
+                tx.execute("DELETE FROM leases WHERE environment = ?1", [environment])
+                    .map_err(self.sql(OP))?;
+                tx.commit().map_err(self.sql(OP))?;
+                Ok(Some(l))
+            }
+            Some(l) => Err(LeaseError::NotHolder {
+                environment: environment.to_string(),
+                deployment_id: deployment_id.to_string(),
+                current: Some(Box::new(l)),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("state.db")).unwrap();
+        (dir, s)
+    }
+
+    fn t(secs: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    const TTL: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn first_taker_wins_and_the_second_learns_who_holds_it() {
+        let (_d, s) = store();
+        let a = s
+            .acquire_lease("prod", "d1", "mtls:ci", Some("deploy of v2"), TTL, t(0))
+            .unwrap();
+        assert_eq!(a.took_over, None);
+        assert!(!a.extended);
+        assert_eq!(a.lease.deployment_id, "d1");
+        let err = s
+            .acquire_lease("prod", "d2", "mtls:other", None, TTL, t(5))
+            .unwrap_err();
+        let LeaseError::Held(h) = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(h.deployment_id, "d1");
+        let msg = err.to_string();
+        assert!(msg.contains("d1") && msg.contains("mtls:ci") && msg.contains("deploy of v2"));
+        // Other environments are independent.
+        s.acquire_lease("staging", "d2", "mtls:other", None, TTL, t(5))
+            .unwrap();
+    }
+
+    #[test]
+    fn the_owner_reacquires_and_renews() {
+        let (_d, s) = store();
+        let a = s
+            .acquire_lease("prod", "d1", "mtls:ci", None, TTL, t(0))
+            .unwrap();
+        let again = s
+            .acquire_lease("prod", "d1", "mtls:ci", None, TTL, t(3))
+            .unwrap();
+        assert!(again.extended);
+        assert_eq!(again.lease.acquired_at, a.lease.acquired_at);
+        assert!(again.lease.expires_at > a.lease.expires_at);
+        // Late renewal (after expiry) is fine while nobody took it over.
+        let r = s.renew_lease("prod", "d1", "mtls:ci", TTL, t(30)).unwrap();
+        assert!(!expired(&r, t(35)));
+        assert!(expired(&r, t(40)));
+    }
+
+    #[test]
+    fn an_expired_lease_is_taken_over_and_its_owner_cannot_renew_it() {
+        let (_d, s) = store();
+        s.acquire_lease("prod", "d1", "mtls:ci", None, TTL, t(0))
+            .unwrap();
+        assert!(s.active_lease("prod", t(9)).unwrap().is_some());
+        assert!(s.active_lease("prod", t(10)).unwrap().is_none());
+        let b = s
+            .acquire_lease("prod", "d2", "mtls:ci", None, TTL, t(11))
+            .unwrap();
+        assert_eq!(b.took_over.unwrap().deployment_id, "d1");
+        let err = s
+            .renew_lease("prod", "d1", "mtls:ci", TTL, t(12))
+            .unwrap_err();
+        assert!(matches!(err, LeaseError::NotHolder { .. }), "{err}");
+        assert!(err.to_string().contains("d2"), "{err}");
+    }
+
+    #[test]
+    fn release_only_by_the_owner() {
+        let (_d, s) = store();
+        assert_eq!(s.release_lease("prod", "d1", "mtls:ci").unwrap(), None);
+        s.acquire_lease("prod", "d1", "mtls:ci", None, TTL, t(0))
+            .unwrap();
+        assert!(matches!(
+            s.release_lease("prod", "d2", "mtls:ci"),
+            Err(LeaseError::NotHolder { .. })
+        ));
+        // Same deployment id, other identity: not the owner either.
+        assert!(matches!(
+            s.release_lease("prod", "d1", "mtls:intruder"),
+            Err(LeaseError::NotHolder { .. })
+        ));
+        assert!(s.release_lease("prod", "d1", "mtls:ci").unwrap().is_some());
+        assert_eq!(s.lease("prod").unwrap(), None);
+        s.acquire_lease("prod", "d2", "mtls:x", None, TTL, t(1))
+            .unwrap();
+    }
+}
