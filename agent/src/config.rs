@@ -109,13 +109,13 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// `file:line: key `k`: what is wrong`, so that an operator fixes it
+    /// "FILE, line N, key `k`: what is wrong", so that an operator fixes it
     /// without guessing which key (or which `[registries]` table) is meant.
     #[error(
         "invalid agent config {}{}{}: {message}",
         path.display(),
-        line.map(|l| format!(":{l}")).unwrap_or_default(),
-        key.as_deref().map(|k| format!(": key `{k}`")).unwrap_or_default()
+        line.map(|l| format!(", line {l}")).unwrap_or_default(),
+        key.as_deref().map(|k| format!(", key `{k}`")).unwrap_or_default()
     )]
     Invalid {
         path: PathBuf,
@@ -239,13 +239,12 @@ fn deserialize(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         let message = inner.message().to_string();
         let at = e.path().to_string();
         let at = (at != ".").then_some(at);
-        // For an unknown key the path stops at its table: name the key itself.
-        let key = match unknown_field(&message) {
-            Some(field) => Some(match at {
-                Some(table) => format!("{table}.{field}"),
-                None => field.to_string(),
-            }),
-            None => at,
+        // The path names the failing key; for an unknown key, make sure it
+        // ends with the key itself rather than its table.
+        let key = match (unknown_field(&message), at) {
+            (Some(field), Some(at)) if !at.ends_with(field) => Some(format!("{at}.{field}")),
+            (Some(field), None) => Some(field.to_string()),
+            (_, at) => at,
         };
         invalid(line, key, message)
     })
@@ -339,5 +338,65 @@ mod tests {
         assert_eq!(cfg.registries["127.0.0.1:5001"].username, "u");
         assert!(AgentConfig::parse(Path::new("a"), "instance = \"Bad_Name\"").is_err());
         assert!(AgentConfig::parse(Path::new("a"), "retain = 1").is_err());
+    }
+
+    /// Every refusal names the file, the line and the key.
+    fn refusal(text: &str) -> String {
+        AgentConfig::parse(Path::new("/etc/deploy-agent/agent.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let err = refusal("instance = \"a\"\n\nretain = \"ten\"\n");
+        assert!(
+            err.starts_with(
+                "invalid agent config /etc/deploy-agent/agent.toml, line 3, key `retain`: "
+            ),
+            "{err}"
+        );
+        let err = refusal("retain = 1\n");
+        assert!(
+            err.contains(", line 1, key `retain`: 1 is too small"),
+            "{err}"
+        );
+        let err = refusal("# c\ninstance = \"Bad_Name\"\n");
+        assert!(err.contains(", line 2, key `instance`: "), "{err}");
+        let err = refusal(
+            "instance = \"a\"\n[registries.\"r.example\"]\nusername = \"u\"\npasword = \"p\"\n",
+        );
+        assert!(
+            err.contains(", line 4, key `registries.r.example.pasword`"),
+            "{err}"
+        );
+        let err = refusal("retain = [\n");
+        assert!(err.contains("/etc/deploy-agent/agent.toml, line "), "{err}");
+    }
+
+    #[test]
+    fn metrics_listen_and_loop_bounds() {
+        let cfg =
+            AgentConfig::parse(Path::new("a"), "metrics_listen = \"127.0.0.1:9480\"").unwrap();
+        assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9480".parse().unwrap()));
+        assert_eq!(AgentConfig::default().metrics_listen, None);
+        assert_eq!(AgentConfig::default().reconcile_timeout_secs, 600);
+        let err = refusal("metrics_listen = \"localhost\"\n");
+        assert!(err.contains(", line 1, key `metrics_listen`: "), "{err}");
+        let err = refusal("metrics_listen = \"127.0.0.1:0\"\n");
+        assert!(
+            err.contains("key `metrics_listen`: 127.0.0.1:0 has port 0"),
+            "{err}"
+        );
+        let err = refusal("reconcile_interval_secs = 0\n");
+        assert!(
+            err.contains("line 1, key `reconcile_interval_secs`: 0 is out of range"),
+            "{err}"
+        );
+        let err = refusal("retain = 3\nreconcile_timeout_secs = 0\n");
+        assert!(
+            err.contains("line 2, key `reconcile_timeout_secs`"),
+            "{err}"
+        );
     }
 }

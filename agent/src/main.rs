@@ -152,10 +152,15 @@ fn init_logging(service: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let registry = tracing_subscriber::registry().with(filter);
     // Under systemd, structured fields go to journald; elsewhere, stderr.
-    let journald = service && std::env::var_os("JOURNAL_STREAM").is_some();
+    // Fields keep their own names (PROJECT=, RELEASE=, STEP=, OUTCOME=), so
+    // that `journalctl -u deploy-agent PROJECT=web` works.
+    let journald = service && deploy_agent::service::stderr_is_journal();
     match journald.then(tracing_journald::layer) {
         Some(Ok(j)) => registry
-            .with(j.with_syslog_identifier("deploy-agent".into()))
+            .with(
+                j.with_syslog_identifier("deploy-agent".into())
+                    .with_field_prefix(None),
+            )
             .init(),
         _ => registry
             .with(

@@ -99,12 +99,15 @@ impl ProbeCounters {
     }
 }
 
+/// (project, kind, outcome) → count.
+type Counts = BTreeMap<(String, String, String), u64>;
+
 /// What a scrape reads.
 pub struct Metrics {
     engine: Arc<Engine>,
     board: Arc<StatusBoard>,
     /// Refusals counted so far: audit records up to `.0` are in `.1`.
-    refusals: Mutex<(i64, BTreeMap<(String, String, String), u64>)>,
+    refusals: Mutex<(i64, Counts)>,
 }
 
 /// `GET /metrics`, for the API router and the plain TCP listener.
@@ -175,7 +178,7 @@ impl Metrics {
                 return false;
             }
         };
-        let mut totals: BTreeMap<(String, String, String), u64> = BTreeMap::new();
+        let mut totals = Counts::new();
         for c in counts {
             *totals.entry((c.project, c.kind, c.outcome)).or_default() += c.count;
         }
@@ -469,7 +472,7 @@ fn probe_metrics(t: &mut Text) {
 
 /// Milliseconds as seconds, without float noise for whole values.
 fn seconds(ms: u64) -> String {
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         (ms / 1000).to_string()
     } else {
         format!("{}", ms as f64 / 1000.0)

@@ -55,6 +55,29 @@ fn stall_hook() -> Option<Stall> {
     }
 }
 
+/// Whether stderr is the journal stream systemd connected (`JOURNAL_STREAM`
+/// is `DEV:INODE` of that stream). Checking the inode, as sd_journal_stream
+/// documents, keeps a daemon started by hand from a shell that inherited the
+/// variable (e.g. `systemd-run --shell`) from logging out of sight.
+pub fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (
+        dev.parse::<nix::libc::dev_t>(),
+        ino.parse::<nix::libc::ino_t>(),
+    ) else {
+        return false;
+    };
+    match nix::sys::stat::fstat(std::io::stderr()) {
+        Ok(st) => st.st_dev == dev && st.st_ino == ino,
+        Err(_) => false,
+    }
+}
+
 /// Sends notifications to the service manager; errors are logged, never
 /// fatal (a daemon run by hand has no service manager).
 fn notify(states: &[NotifyState]) {
@@ -478,38 +501,42 @@ mod tests {
         assert_eq!(board.snapshot().passes, 1);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_hung_pass_is_reported_once_past_its_timeout() {
         let board = StatusBoard::new();
         let settings = LoopSettings {
             every: Duration::from_secs(1),
-            pass_timeout: Duration::from_secs(5),
-            watchdog: Watchdog { interval: None },
+            pass_timeout: Duration::from_millis(300),
+            watchdog: Watchdog {
+                interval: Some(Duration::from_millis(100)),
+            },
         };
         let mut ticker = settings.watchdog.ticker();
         let pass = async {
-            tokio::time::sleep(Duration::from_secs(8)).await;
+            tokio::time::sleep(Duration::from_millis(900)).await;
             Ok::<(), String>(())
         };
         board.pass_started();
         let supervised = supervise(&board, settings, &mut ticker, false, pass);
         tokio::pin!(supervised);
-        // Still within its timeout: not stuck.
+        // Within its timeout: not stuck.
         tokio::select! {
             _ = &mut supervised => panic!("the pass ended early"),
-            () = tokio::time::sleep(Duration::from_secs(4)) => {}
+            () = tokio::time::sleep(Duration::from_millis(150)) => {}
         }
         assert!(!board.snapshot().stuck);
         tokio::select! {
             _ = &mut supervised => panic!("the pass ended early"),
-            () = tokio::time::sleep(Duration::from_secs(3)) => {}
+            () = tokio::time::sleep(Duration::from_millis(400)) => {}
         }
         assert!(board.snapshot().stuck);
         assert!(
             board
                 .lock()
                 .status_line()
-                .contains("reconcile_timeout_secs=5")
+                .contains("over reconcile_timeout_secs=0"),
+            "{}",
+            board.lock().status_line()
         );
         let result = supervised.await;
         board.pass_finished(result);

@@ -26,7 +26,7 @@ pub struct ProjectSpec {
 }
 
 /// `observe`, `canary` and `hooks` under the top-level `x-deploy`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RolloutSettings {
     /// `None`: the agent config's default for this host's environment.
     pub observe: Option<ObserveSettings>,
@@ -41,6 +41,17 @@ pub struct RolloutSettings {
 
 fn default_canary_hold() -> Duration {
     Duration::from_secs(30)
+}
+
+impl Default for RolloutSettings {
+    fn default() -> Self {
+        RolloutSettings {
+            observe: None,
+            canary: Vec::new(),
+            canary_hold: default_canary_hold(),
+            hooks: Hooks::default(),
+        }
+    }
 }
 
 /// The observation window after the switch, and its gates.

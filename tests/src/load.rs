@@ -73,13 +73,16 @@ pub struct LoadConfig {
 
 impl LoadConfig {
     /// 300 requests/s to `/`, half keep-alive, half a new connection each.
+    /// 20 workers: each sends every 67 ms, so the rate holds as long as
+    /// responses take less than that on average (2 shared cores, debug
+    /// builds).
     pub fn new(port: u16) -> LoadConfig {
         LoadConfig {
             port,
             path: "/".to_string(),
             rate: 300.0,
-            keepalive_workers: 6,
-            new_connection_workers: 6,
+            keepalive_workers: 10,
+            new_connection_workers: 10,
             max_duration: Duration::from_secs(120),
             request_timeout: Duration::from_secs(10),
         }
@@ -485,13 +488,29 @@ impl LoadReport {
         }
     }
 
+    /// Response time percentiles over all requests: (p50, p99, max).
+    pub fn latency(&self) -> (Duration, Duration, Duration) {
+        let mut l: Vec<Duration> = self
+            .records
+            .iter()
+            .map(|r| r.done.duration_since(r.sent))
+            .collect();
+        if l.is_empty() {
+            return Default::default();
+        }
+        l.sort();
+        let at = |q: f64| l[((l.len() - 1) as f64 * q).round() as usize];
+        (at(0.5), at(0.99), l[l.len() - 1])
+    }
+
     /// One paragraph for messages: counts, rate, served releases, the first
     /// failures.
     pub fn summary(&self) -> String {
         let failures = self.failures();
+        let (p50, p99, max) = self.latency();
         let mut s = format!(
-            "Load on 127.0.0.1:{}{}: {} requests in {:.1}s ({:.0}/s; {} keep-alive, {} new-connection), \
-             {} failed; served in order: {}",
+            "Load on 127.0.0.1:{}{}: {} requests in {:.1}s ({:.0}/s; {} keep-alive, {} new-connection; \
+             latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms), {} failed; served in order: {}",
             self.config.port,
             self.config.path,
             self.total(),
@@ -499,6 +518,9 @@ impl LoadReport {
             self.rate(),
             self.count(Mode::KeepAlive),
             self.count(Mode::NewConnection),
+            p50.as_secs_f64() * 1000.0,
+            p99.as_secs_f64() * 1000.0,
+            max.as_secs_f64() * 1000.0,
             failures.len(),
             self.bodies_in_order().join(" -> ")
         );

@@ -1,0 +1,571 @@
+//! The inventory (`deploy.toml`): environments, their hosts and agents, the
+//! compose project, the rollout strategy, and the client certificate.
+//!
+//! Strict: an unknown key is an error naming it (with its line), and every
+//! value is checked when the file is loaded, before anything is contacted.
+//! Relative paths are relative to the inventory file's directory.
+//!
+//! ```toml
+//! [tls]                          # default client certificate (any environment may override it)
+//! ca = "pki/ca.pem"
+//! cert = "pki/ci.pem"
+//! key = "pki/ci-key.pem"
+//!
+//! [environments.production]
+//! project = "shop"
+//! compose = "compose.yml"
+//! promote_from = "staging"       # deploy the digests staging recorded for the release
+//! observation = "5m"             # passed to the agents (their observation window)
+//! lock_ttl = "60s"               # the environment lock's lease, renewed while the controller runs
+//! vars = { DOMAIN = "shop.example.com" }
+//! strategy = { canary = 1, batch = "50%", pause = "30s", max_failed = 0 }
+//!
+//! [[environments.production.hosts]]
+//! name = "web-1"
+//! agent = "web-1.internal:7443"
+//! vars = { PORT = "8080" }       # per-host interpolation variables
+//! ssh = { user = "deploy", port = 22 }  # SSH fallback (kept for the fallback issue)
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::fleet::{Batch, Canary, Strategy};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error(
+        "cannot read the inventory {}: {source}; pass it with --inventory FILE or DEPLOY_INVENTORY",
+        path.display()
+    )]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid inventory {}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+    #[error(
+        "environment {name:?} is not in the inventory {}; it has: {known}",
+        path.display()
+    )]
+    UnknownEnvironment {
+        path: PathBuf,
+        name: String,
+        known: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInventory {
+    #[serde(default)]
+    tls: Option<RawTls>,
+    #[serde(default)]
+    environments: BTreeMap<String, RawEnvironment>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnvironment {
+    project: String,
+    compose: PathBuf,
+    #[serde(default)]
+    tls: Option<RawTls>,
+    #[serde(default)]
+    promote_from: Option<String>,
+    #[serde(default)]
+    observation: Option<String>,
+    #[serde(default)]
+    lock_ttl: Option<String>,
+    #[serde(default)]
+    vars: BTreeMap<String, String>,
+    #[serde(default)]
+    strategy: RawStrategy,
+    #[serde(default)]
+    hosts: Vec<RawHost>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStrategy {
+    #[serde(default)]
+    canary: Option<CanaryValue>,
+    #[serde(default)]
+    batch: Option<BatchValue>,
+    #[serde(default)]
+    pause: Option<String>,
+    #[serde(default)]
+    max_failed: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum CanaryValue {
+    Count(usize),
+    Hosts(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum BatchValue {
+    Count(usize),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    name: String,
+    agent: String,
+    #[serde(default)]
+    vars: BTreeMap<String, String>,
+    #[serde(default)]
+    ssh: Option<SshConfig>,
+}
+
+/// SSH details for the fallback (used by a later issue; parsed and kept).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfig {
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub known_hosts: Option<PathBuf>,
+}
+
+/// The client certificate the controller presents, and the CA it trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub name: String,
+    /// `host:port` of the agent's HTTPS API.
+    pub agent: String,
+    pub vars: BTreeMap<String, String>,
+    pub ssh: Option<SshConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Environment {
+    pub name: String,
+    pub project: String,
+    /// The compose file (absolute or relative to the working directory).
+    pub compose: PathBuf,
+    pub tls: TlsFiles,
+    pub promote_from: Option<String>,
+    pub observation: Option<Duration>,
+    pub lock_ttl: Duration,
+    pub vars: BTreeMap<String, String>,
+    pub strategy: Strategy,
+    pub hosts: Vec<Host>,
+}
+
+impl Environment {
+    /// The interpolation variables of `host`: the environment's, then the
+    /// host's, then the command line's (`--var`), later ones winning.
+    pub fn vars_for(&self, host: &Host, cli: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut v = self.vars.clone();
+        v.extend(host.vars.clone());
+        v.extend(cli.clone());
+        v
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    pub path: PathBuf,
+    pub environments: BTreeMap<String, Environment>,
+}
+
+/// The default lease of the environment lock.
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(60);
+
+impl Inventory {
+    pub fn load(path: &Path) -> Result<Inventory, InventoryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Inventory::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Inventory, InventoryError> {
+        let invalid = |message: String| InventoryError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let raw: RawInventory = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        if raw.environments.is_empty() {
+            return Err(invalid(
+                "no environments: add at least one [environments.NAME] table".into(),
+            ));
+        }
+        let mut environments = BTreeMap::new();
+        for (name, e) in &raw.environments {
+            let at = format!("environments.{name}");
+            if !valid_name(name) {
+                return Err(invalid(format!(
+                    "`{at}`: the name must be 1-64 characters of letters, digits, `-`, `_` and `.`"
+                )));
+            }
+            let tls = e.tls.clone().or_else(|| raw.tls.clone()).ok_or_else(|| {
+                invalid(format!(
+                    "`{at}` has no client certificate: add `[{at}.tls]` (or a top-level `[tls]`) with ca, cert and key \
+                     (`deploy-controller pki issue --kind client` makes them)"
+                ))
+            })?;
+            let tls = TlsFiles {
+                ca: resolve(&tls.ca),
+                cert: resolve(&tls.cert),
+                key: resolve(&tls.key),
+            };
+            if e.hosts.is_empty() {
+                return Err(invalid(format!(
+                    "`{at}` has no hosts: add [[{at}.hosts]] with name and agent"
+                )));
+            }
+            let mut hosts: Vec<Host> = Vec::new();
+            for (i, h) in e.hosts.iter().enumerate() {
+                let hat = format!("{at}.hosts[{i}]");
+                if !valid_name(&h.name) {
+                    return Err(invalid(format!(
+                        "`{hat}.name` {:?} must be 1-64 characters of letters, digits, `-`, `_` and `.`",
+                        h.name
+                    )));
+                }
+                if hosts.iter().any(|x| x.name == h.name) {
+                    return Err(invalid(format!(
+                        "`{hat}.name`: host {} is listed twice in {at}",
+                        h.name
+                    )));
+                }
+                let agent = normalize_agent(&h.agent).map_err(|m| {
+                    invalid(format!("`{hat}.agent` {:?}: {m}", h.agent))
+                })?;
+                hosts.push(Host {
+                    name: h.name.clone(),
+                    agent,
+                    vars: h.vars.clone(),
+                    ssh: h.ssh.clone(),
+                });
+            }
+            let duration = |key: &str, v: &Option<String>| -> Result<Option<Duration>, InventoryError> {
+                v.as_ref()
+                    .map(|s| {
+                        humantime::parse_duration(s).map_err(|err| {
+                            invalid(format!(
+                                "`{at}.{key}` {s:?} is not a duration like \"30s\" or \"5m\": {err}"
+                            ))
+                        })
+                    })
+                    .transpose()
+            };
+            let observation = duration("observation", &e.observation)?;
+            let lock_ttl = duration("lock_ttl", &e.lock_ttl)?.unwrap_or(DEFAULT_LOCK_TTL);
+            if lock_ttl < Duration::from_secs(1) {
+                return Err(invalid(format!(
+                    "`{at}.lock_ttl` must be at least 1s (the lease is renewed every third of it)"
+                )));
+            }
+            let pause = duration("strategy.pause", &e.strategy.pause)?.unwrap_or_default();
+            let canary = match &e.strategy.canary {
+                None => Canary::Count(1),
+                Some(CanaryValue::Count(n)) => Canary::Count(*n),
+                Some(CanaryValue::Hosts(names)) => {
+                    for n in names {
+                        if !hosts.iter().any(|h| &h.name == n) {
+                            return Err(invalid(format!(
+                                "`{at}.strategy.canary` names host {n:?}, which is not among the hosts of {at}"
+                            )));
+                        }
+                    }
+                    Canary::Hosts(names.clone())
+                }
+            };
+            let batch = match &e.strategy.batch {
+                None => Batch::Count(1),
+                Some(BatchValue::Count(0)) => {
+                    return Err(invalid(format!(
+                        "`{at}.strategy.batch` must be at least 1 (or a percentage like \"50%\")"
+                    )));
+                }
+                Some(BatchValue::Count(n)) => Batch::Count(*n),
+                Some(BatchValue::Text(t)) => parse_batch(t).map_err(|m| {
+                    invalid(format!("`{at}.strategy.batch` {t:?}: {m}"))
+                })?,
+            };
+            if let Some(src) = &e.promote_from {
+                if src == name {
+                    return Err(invalid(format!(
+                        "`{at}.promote_from` names the environment itself"
+                    )));
+                }
+                if !raw.environments.contains_key(src) {
+                    return Err(invalid(format!(
+                        "`{at}.promote_from` names environment {src:?}, which is not in the inventory"
+                    )));
+                }
+            }
+            let project = e.project.clone();
+            if project.is_empty() {
+                return Err(invalid(format!("`{at}.project` is empty")));
+            }
+            environments.insert(
+                name.clone(),
+                Environment {
+                    name: name.clone(),
+                    project,
+                    compose: resolve(&e.compose),
+                    tls,
+                    promote_from: e.promote_from.clone(),
+                    observation,
+                    lock_ttl,
+                    vars: e.vars.clone(),
+                    strategy: Strategy {
+                        canary,
+                        batch,
+                        pause,
+                        max_failed: e.strategy.max_failed.unwrap_or(0),
+                    },
+                    hosts,
+                },
+            );
+        }
+        Ok(Inventory {
+            path: path.to_path_buf(),
+            environments,
+        })
+    }
+
+    pub fn environment(&self, name: &str) -> Result<&Environment, InventoryError> {
+        self.environments
+            .get(name)
+            .ok_or_else(|| InventoryError::UnknownEnvironment {
+                path: self.path.clone(),
+                name: name.to_string(),
+                known: self
+                    .environments
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// `host:port` (an `https://` prefix and a trailing `/` are accepted).
+fn normalize_agent(s: &str) -> Result<String, String> {
+    if s.starts_with("http://") {
+        return Err("the agent API is HTTPS only (mutual TLS): use host:port or https://host:port".into());
+    }
+    let t = s.trim_start_matches("https://").trim_end_matches('/');
+    let (host, port) = t
+        .rsplit_once(':')
+        .ok_or_else(|| "give host:port, e.g. \"web-1.internal:7443\"".to_string())?;
+    if host.is_empty() || host.contains('/') {
+        return Err("give host:port, e.g. \"web-1.internal:7443\"".into());
+    }
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{port:?} is not a port number"))?;
+    Ok(t.to_string())
+}
+
+/// `"3"` or `"25%"`.
+fn parse_batch(t: &str) -> Result<Batch, String> {
+    let t = t.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        let n: u32 = p
+            .trim()
+            .parse()
+            .map_err(|_| "a percentage must look like \"25%\"".to_string())?;
+        if n == 0 || n > 100 {
+            return Err("a percentage must be between 1% and 100%".into());
+        }
+        return Ok(Batch::Percent(n));
+    }
+    match t.parse::<usize>() {
+        Ok(0) | Err(_) => Err("give a number of hosts (at least 1) or a percentage like \"25%\"".into()),
+        Ok(n) => Ok(Batch::Count(n)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/ci.pem"
+key = "pki/ci-key.pem"
+
+[environments.staging]
+project = "shop"
+compose = "compose.yml"
+[[environments.staging.hosts]]
+name = "s1"
+agent = "s1.internal:7443"
+
+[environments.production]
+project = "shop"
+compose = "/srv/compose.yml"
+promote_from = "staging"
+observation = "2m"
+lock_ttl = "30s"
+vars = { DOMAIN = "shop.example.com", PORT = "80" }
+strategy = { canary = ["p2"], batch = "50%", pause = "10s", max_failed = 1 }
+[environments.production.tls]
+ca = "/etc/ca.pem"
+cert = "prod.pem"
+key = "prod-key.pem"
+[[environments.production.hosts]]
+name = "p1"
+agent = "https://10.0.0.1:7443/"
+vars = { PORT = "8080" }
+ssh = { user = "deploy", port = 2222, known_hosts = "kh" }
+[[environments.production.hosts]]
+name = "p2"
+agent = "p2:7443"
+"#;
+
+    fn parse(text: &str) -> Result<Inventory, InventoryError> {
+        Inventory::parse(Path::new("/etc/deploy/deploy.toml"), text)
+    }
+
+    #[test]
+    fn a_full_inventory() {
+        let inv = parse(GOOD).unwrap();
+        let s = inv.environment("staging").unwrap();
+        assert_eq!(s.tls.ca, PathBuf::from("/etc/deploy/pki/ca.pem"));
+        assert_eq!(s.compose, PathBuf::from("/etc/deploy/compose.yml"));
+        assert_eq!(s.strategy.canary, Canary::Count(1));
+        assert_eq!(s.strategy.batch, Batch::Count(1));
+        assert_eq!(s.lock_ttl, DEFAULT_LOCK_TTL);
+        let p = inv.environment("production").unwrap();
+        assert_eq!(p.tls.ca, PathBuf::from("/etc/ca.pem"));
+        assert_eq!(p.tls.cert, PathBuf::from("/etc/deploy/prod.pem"));
+        assert_eq!(p.compose, PathBuf::from("/srv/compose.yml"));
+        assert_eq!(p.promote_from.as_deref(), Some("staging"));
+        assert_eq!(p.observation, Some(Duration::from_secs(120)));
+        assert_eq!(p.lock_ttl, Duration::from_secs(30));
+        assert_eq!(p.strategy.canary, Canary::Hosts(vec!["p2".into()]));
+        assert_eq!(p.strategy.batch, Batch::Percent(50));
+        assert_eq!(p.strategy.pause, Duration::from_secs(10));
+        assert_eq!(p.strategy.max_failed, 1);
+        assert_eq!(p.hosts[0].agent, "10.0.0.1:7443");
+        assert_eq!(p.hosts[0].ssh.as_ref().unwrap().port, Some(2222));
+        let cli = BTreeMap::from([("DOMAIN".to_string(), "x".to_string())]);
+        let v = p.vars_for(&p.hosts[0], &cli);
+        assert_eq!(v["PORT"], "8080");
+        assert_eq!(v["DOMAIN"], "x");
+        assert_eq!(p.vars_for(&p.hosts[1], &BTreeMap::new())["PORT"], "80");
+    }
+
+    #[test]
+    fn unknown_environment_lists_the_known_ones() {
+        let inv = parse(GOOD).unwrap();
+        let e = inv.environment("prod").unwrap_err().to_string();
+        assert!(e.contains("\"prod\"") && e.contains("production, staging"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("[environments.a]\nproject = \"p\"\ncompose = \"c\"\nbogus = 1\n", "bogus"),
+            (
+                "[environments.a]\nproject = \"p\"\ncompose = \"c\"\n[[environments.a.hosts]]\nname = \"h\"\nagent = \"h:1\"\n",
+                "client certificate",
+            ),
+            (
+                "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n[environments.a]\nproject = \"p\"\ncompose = \"c\"\n",
+                "no hosts",
+            ),
+            (
+                "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n[environments.a]\nproject = \"p\"\ncompose = \"c\"\n[[environments.a.hosts]]\nname = \"h\"\nagent = \"h\"\n",
+                "environments.a.hosts[0].agent",
+            ),
+            (
+                "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n[environments.a]\nproject = \"p\"\ncompose = \"c\"\n[[environments.a.hosts]]\nname = \"h\"\nagent = \"http://h:1\"\n",
+                "HTTPS only",
+            ),
+            (
+                "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n[environments.a]\nproject = \"p\"\ncompose = \"c\"\nstrategy = { batch = \"0%\" }\n[[environments.a.hosts]]\nname = \"h\"\nagent = \"h:1\"\n",
+                "strategy.batch",
+            ),
+            (
+                "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n[environments.a]\nproject = \"p\"\ncompose = \"c\"\nstrategy = { canary = [\"zz\"] }\n[[environments.a.hosts]]\nname = \"h\"\nagent = \"h:1\"\n",
+                "zz",
+            ),
+            (
+                "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n[environments.a]\nproject = \"p\"\ncompose = \"c\"\npromote_from = \"nope\"\n[[environments.a.hosts]]\nname = \"h\"\nagent = \"h:1\"\n",
+                "promote_from",
+            ),
+            (
+                "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n[environments.a]\nproject = \"p\"\ncompose = \"c\"\nobservation = \"soon\"\n[[environments.a.hosts]]\nname = \"h\"\nagent = \"h:1\"\n",
+                "observation",
+            ),
+            (
+                "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n[environments.a]\nproject = \"p\"\ncompose = \"c\"\n[[environments.a.hosts]]\nname = \"h\"\nagent = \"h:1\"\n[[environments.a.hosts]]\nname = \"h\"\nagent = \"h:2\"\n",
+                "twice",
+            ),
+            ("", "no environments"),
+        ];
+        for (text, needle) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "expected {needle:?} in: {e}");
+            assert!(e.contains("/etc/deploy/deploy.toml"), "{e}");
+        }
+    }
+
+    #[test]
+    fn batches() {
+        assert_eq!(parse_batch("3"), Ok(Batch::Count(3)));
+        assert_eq!(parse_batch("25%"), Ok(Batch::Percent(25)));
+        assert!(parse_batch("101%").is_err());
+        assert!(parse_batch("x").is_err());
+        assert!(parse_batch("0").is_err());
+    }
+}
