@@ -60,7 +60,9 @@ if ! [[ $what =~ ^[0-9a-fA-F]{7,40}$ ]]; then
 	exit 2
 fi
 args=()
-for kv in $DEPLOY_VARS; do
+# Split on whitespace without pathname expansion (a value may hold a '*').
+read -r -a vars <<<"$DEPLOY_VARS"
+for kv in "${vars[@]}"; do
 	args+=(--var "$kv")
 done
 "$agent" deploy --project "$PROJECT" --file "$COMPOSE_FILE" --release "$what" --reason "$reason" "${args[@]}"

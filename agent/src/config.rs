@@ -156,12 +156,15 @@ impl AgentConfig {
             key: Some(key.to_string()),
             message,
         };
-        // Validators elsewhere answer "key `k`: message".
+        // Validators elsewhere answer "key `k`: message" or "key `k` = …".
         let keyed = |message: String| match message
             .strip_prefix("key `")
-            .and_then(|rest| rest.split_once("`: "))
+            .and_then(|rest| rest.split_once('`'))
         {
-            Some((key, rest)) => invalid(key, rest.to_string()),
+            Some((key, rest)) => match rest.strip_prefix(": ") {
+                Some(rest) => invalid(key, rest.to_string()),
+                None => invalid(key, message.clone()),
+            },
             None => ConfigError::Invalid {
                 path: path.to_path_buf(),
                 line: None,
@@ -268,12 +271,25 @@ fn line_of(text: &str, at: usize) -> usize {
         + 1
 }
 
-/// The line of `key = …` before the first table header, if any.
+/// The line of `key = …` before the first table header, or of the table
+/// `[key]` (or `[key.…]`) itself.
 fn top_level_key_line(text: &str, key: &str) -> Option<usize> {
+    let mut top_level = true;
     for (i, line) in text.lines().enumerate() {
         let line = line.trim_start();
-        if line.starts_with('[') {
-            return None;
+        if let Some(header) = line.strip_prefix('[') {
+            let name = header.trim_start_matches('[').trim_start();
+            if name
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with([']', '.']))
+            {
+                return Some(i + 1);
+            }
+            top_level = false;
+            continue;
+        }
+        if !top_level {
+            continue;
         }
         if line
             .strip_prefix(key)
@@ -398,5 +414,60 @@ mod tests {
             err.contains("line 2, key `reconcile_timeout_secs`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn keys_of_tables_and_other_validators_get_their_line() {
+        let text = "instance = \"a\"\n\n[grants]\n\"mtls:x\" = \"reader\"\n";
+        assert_eq!(top_level_key_line(text, "grants"), Some(3));
+        assert_eq!(top_level_key_line(text, "instance"), Some(1));
+        assert_eq!(top_level_key_line(text, "retain"), None);
+        let err = refusal(text);
+        assert!(err.contains(", line 3, key `grants`: "), "{err}");
+    }
+
+    /// docs/configuration.md and packaging/agent.toml cover every key the
+    /// parser knows (the list comes from the parser's own error message), and
+    /// the packaged file is valid as shipped and with its examples uncommented.
+    #[test]
+    fn every_key_is_documented_and_in_the_packaged_default() {
+        let err = refusal("no_such_key = 1\n");
+        let keys: Vec<&str> = err
+            .split("expected one of ")
+            .nth(1)
+            .expect("the error lists the known keys")
+            .split(", ")
+            .map(|k| k.trim().trim_matches('`'))
+            .collect();
+        assert!(keys.contains(&"metrics_listen"), "{keys:?}");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let docs = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+        let packaged = std::fs::read_to_string(root.join("packaging/agent.toml")).unwrap();
+        for key in &keys {
+            assert!(
+                docs.contains(&format!("| `{key}")),
+                "docs/configuration.md has no table row for `{key}`"
+            );
+            assert!(
+                packaged.contains(&format!("# {key} = "))
+                    || packaged.contains(&format!("# [{key}")),
+                "packaging/agent.toml does not show `{key}`"
+            );
+        }
+        let as_shipped = AgentConfig::parse(Path::new("packaging/agent.toml"), &packaged).unwrap();
+        assert_eq!(as_shipped.retain, AgentConfig::default().retain);
+        let uncommented: String = packaged
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.starts_with('[')
+                    || l.starts_with('"')
+                    || l.split_once(" = ")
+                        .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        AgentConfig::parse(Path::new("uncommented"), &uncommented)
+            .unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
     }
 }

@@ -291,7 +291,10 @@ impl StatusBoard {
         if let Err(e) = result {
             tracing::warn!("reconciliation failed: {e}");
         }
-        self.publish();
+        // At start, READY=1 carries the next status line.
+        if self.lock().phase != Phase::Starting {
+            self.publish();
+        }
     }
 }
 
@@ -367,15 +370,14 @@ impl LoopSettings {
     }
 }
 
-/// Runs the reconciliation pass at start, before `READY=1`. It pings the
-/// watchdog and extends systemd's start timeout (`EXTEND_TIMEOUT_USEC`)
-/// while it is within its time limit, so a long recovery is not mistaken
-/// for a failed start, and a hung one is.
+/// Runs the reconciliation pass at start, before `READY=1`. It extends
+/// systemd's start timeout (`EXTEND_TIMEOUT_USEC`) while it is within its
+/// time limit, so a long recovery is not mistaken for a failed start, and a
+/// hung one is.
 pub async fn startup_pass<Fut>(board: &StatusBoard, settings: LoopSettings, pass: Fut)
 where
     Fut: Future<Output = Result<(), String>>,
 {
-    board.publish();
     board.pass_started();
     let mut ticker = settings.watchdog.ticker();
     let result = supervise(board, settings, &mut ticker, true, pass).await;
@@ -434,12 +436,15 @@ async fn supervise<Fut: Future>(
             _ = ticker.tick() => {
                 let running = began.elapsed();
                 if running < settings.pass_timeout {
-                    settings.watchdog.ping();
                     if starting {
-                        // Enough to reach the next tick with room to spare.
+                        // The watchdog is armed only once READY=1 is sent;
+                        // until then, the start timeout is what a hang trips.
+                        // Extend it enough to reach the next tick.
                         let extend = settings.watchdog.tick_period() * 3;
                         let usec = u32::try_from(extend.as_micros()).unwrap_or(u32::MAX);
                         notify(&[NotifyState::ExtendTimeoutUsec(usec)]);
+                    } else {
+                        settings.watchdog.ping();
                     }
                 } else if !stuck {
                     stuck = true;

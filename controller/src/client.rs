@@ -13,9 +13,8 @@ use std::time::Duration;
 
 use deploy_agent::store::AuditRecord;
 use deploy_agent::wire::{
-    ApiError, DeployRequest, Event, HistoryEntry, Lease, LockGranted, LockRequest,
-    OperationResult, Outcome, PullRequest, PullResult, ReleaseInfo, RollbackRequest,
-    StatusReport, UnlockRequest,
+    ApiError, DeployRequest, Event, HistoryEntry, Lease, LockGranted, LockRequest, OperationResult,
+    Outcome, PullRequest, PullResult, ReleaseInfo, RollbackRequest, StatusReport, UnlockRequest,
 };
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
@@ -107,13 +106,14 @@ pub fn http_client(tls: &TlsFiles) -> Result<reqwest::Client, TlsError> {
         path: tls.ca.clone(),
         message: e.to_string(),
     })?;
-    let identity = reqwest::Identity::from_pem(&[cert, b"\n".to_vec(), key].concat()).map_err(|e| {
-        TlsError::Invalid {
-            what: "client certificate and key",
-            path: tls.cert.clone(),
-            message: e.to_string(),
-        }
-    })?;
+    let identity =
+        reqwest::Identity::from_pem(&[cert, b"\n".to_vec(), key].concat()).map_err(|e| {
+            TlsError::Invalid {
+                what: "client certificate and key",
+                path: tls.cert.clone(),
+                message: e.to_string(),
+            }
+        })?;
     reqwest::Client::builder()
         .tls_certs_only([ca])
         .identity(identity)

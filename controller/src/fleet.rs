@@ -156,12 +156,24 @@ pub enum HostState {
     Pending,
     Deploying,
     /// Now on the target; `previous` is what it served before.
-    Updated { previous: Option<String> },
+    Updated {
+        previous: Option<String>,
+    },
     /// Its deploy failed; `serving` is what it serves after it.
-    Failed { serving: Seen },
-    RollingBack { to: String },
-    RolledBack { to: String },
-    RollbackFailed { to: String, message: String, serving: Seen },
+    Failed {
+        serving: Seen,
+    },
+    RollingBack {
+        to: String,
+    },
+    RolledBack {
+        to: String,
+    },
+    RollbackFailed {
+        to: String,
+        message: String,
+        serving: Seen,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,25 +327,20 @@ impl FleetRollout {
 
     fn in_flight(&self) -> bool {
         self.pausing
-            || self.states.iter().any(|s| {
-                matches!(
-                    s,
-                    HostState::Deploying | HostState::RollingBack { .. }
-                )
-            })
+            || self
+                .states
+                .iter()
+                .any(|s| matches!(s, HostState::Deploying | HostState::RollingBack { .. }))
     }
 
     fn must_stop(&self) -> bool {
-        let canary_failed = self
-            .failures
-            .iter()
-            .any(|f| f.canary);
+        let canary_failed = self.failures.iter().any(|f| f.canary);
         let batch_failed = self.failures.iter().filter(|f| !f.canary).count();
         canary_failed || batch_failed > self.max_failed
     }
 
     /// The next thing to do.
-    pub fn next(&mut self) -> Action {
+    pub fn next_action(&mut self) -> Action {
         if let Some(v) = &self.verdict {
             return Action::Done(v.clone());
         }
@@ -473,10 +480,15 @@ impl FleetRollout {
             let had = self.before[h].as_deref().unwrap_or("nothing");
             let why = match &self.states[h] {
                 HostState::RollbackFailed { to, message, .. } => {
-                    format!("{name}: serves {serving} (had {had}); its rollback to {to} failed: {message}")
+                    format!(
+                        "{name}: serves {serving} (had {had}); its rollback to {to} failed: {message}"
+                    )
                 }
                 HostState::Failed { .. } => {
-                    format!("{name}: serves {serving} after its deploy of {} failed (had {had})", self.target)
+                    format!(
+                        "{name}: serves {serving} after its deploy of {} failed (had {had})",
+                        self.target
+                    )
                 }
                 _ => match self.stuck.iter().find(|(i, _)| *i == h) {
                     Some((_, why)) => format!("{name}: serves {serving}; {why}"),
@@ -525,7 +537,10 @@ mod tests {
     fn plans() {
         let s = strategy(Canary::Count(1), Batch::Count(2));
         assert_eq!(hosts_of(&plan(&names(3), &s)), vec![vec![0], vec![1, 2]]);
-        assert_eq!(hosts_of(&plan(&names(6), &s)), vec![vec![0], vec![1, 2], vec![3, 4], vec![5]]);
+        assert_eq!(
+            hosts_of(&plan(&names(6), &s)),
+            vec![vec![0], vec![1, 2], vec![3, 4], vec![5]]
+        );
         let w = plan(&names(3), &s);
         assert!(w[0].canary && w[0].number == 0);
         assert!(!w[1].canary && w[1].number == 1);
@@ -537,11 +552,20 @@ mod tests {
         let s = strategy(Canary::Count(5), Batch::Count(1));
         assert_eq!(hosts_of(&plan(&names(2), &s)), vec![vec![0, 1]]);
         // Named canaries, anywhere in the list.
-        let s = strategy(Canary::Hosts(vec!["h2".into(), "h0".into()]), Batch::Count(1));
-        assert_eq!(hosts_of(&plan(&names(4), &s)), vec![vec![0, 2], vec![1], vec![3]]);
+        let s = strategy(
+            Canary::Hosts(vec!["h2".into(), "h0".into()]),
+            Batch::Count(1),
+        );
+        assert_eq!(
+            hosts_of(&plan(&names(4), &s)),
+            vec![vec![0, 2], vec![1], vec![3]]
+        );
         // Percentages of the whole environment, rounded up.
         let s = strategy(Canary::Count(1), Batch::Percent(50));
-        assert_eq!(hosts_of(&plan(&names(5), &s)), vec![vec![0], vec![1, 2, 3], vec![4]]);
+        assert_eq!(
+            hosts_of(&plan(&names(5), &s)),
+            vec![vec![0], vec![1, 2, 3], vec![4]]
+        );
         let s = strategy(Canary::Count(0), Batch::Percent(1));
         assert_eq!(plan(&names(3), &s).len(), 3);
         let s = strategy(Canary::Count(0), Batch::Percent(100));
@@ -574,7 +598,7 @@ mod tests {
     }
 
     fn expect_deploy(r: &mut FleetRollout) -> Vec<usize> {
-        match r.next() {
+        match r.next_action() {
             Action::Deploy(w) => w.hosts,
             other => panic!("expected a deploy, got {other:?}"),
         }
@@ -586,22 +610,30 @@ mod tests {
         s.pause = Duration::from_secs(5);
         let mut r = rollout(5, "v2", &s);
         assert_eq!(expect_deploy(&mut r), vec![0]);
-        assert_eq!(r.next(), Action::Wait, "the canary is still deploying");
+        assert_eq!(
+            r.next_action(),
+            Action::Wait,
+            "the canary is still deploying"
+        );
         r.observe(deployed(0));
-        assert_eq!(r.next(), Action::Pause(Duration::from_secs(5)));
-        assert_eq!(r.next(), Action::Wait, "pausing");
+        assert_eq!(r.next_action(), Action::Pause(Duration::from_secs(5)));
+        assert_eq!(r.next_action(), Action::Wait, "pausing");
         r.observe(Observation::Paused);
         assert_eq!(expect_deploy(&mut r), vec![1, 2]);
         r.observe(deployed(2));
-        assert_eq!(r.next(), Action::Wait, "host 1 is still deploying");
+        assert_eq!(r.next_action(), Action::Wait, "host 1 is still deploying");
         r.observe(deployed(1));
-        assert_eq!(r.next(), Action::Pause(Duration::from_secs(5)));
+        assert_eq!(r.next_action(), Action::Pause(Duration::from_secs(5)));
         r.observe(Observation::Paused);
         assert_eq!(expect_deploy(&mut r), vec![3, 4]);
         r.observe(deployed(3));
         r.observe(deployed(4));
-        assert_eq!(r.next(), Action::Done(Verdict::Succeeded));
-        assert_eq!(r.next(), Action::Done(Verdict::Succeeded), "stays done");
+        assert_eq!(r.next_action(), Action::Done(Verdict::Succeeded));
+        assert_eq!(
+            r.next_action(),
+            Action::Done(Verdict::Succeeded),
+            "stays done"
+        );
         for h in 0..5 {
             assert_eq!(r.serving(h), Seen::Release("v3".into()));
         }
@@ -616,7 +648,7 @@ mod tests {
         r.observe(deployed(0));
         assert_eq!(expect_deploy(&mut r), vec![1]);
         r.observe(deployed(1));
-        assert_eq!(r.next(), Action::Done(Verdict::Succeeded));
+        assert_eq!(r.next_action(), Action::Done(Verdict::Succeeded));
     }
 
     #[test]
@@ -625,7 +657,7 @@ mod tests {
         let mut r = rollout(3, "v2", &s);
         assert_eq!(expect_deploy(&mut r), vec![0]);
         r.observe(failed(0));
-        let Action::Done(Verdict::RolledBack { failure }) = r.next() else {
+        let Action::Done(Verdict::RolledBack { failure }) = r.next_action() else {
             panic!("expected a rolled back verdict")
         };
         assert_eq!(failure.host, "h0");
@@ -642,7 +674,10 @@ mod tests {
         let mut r = rollout(3, "v2", &s);
         expect_deploy(&mut r);
         r.observe(failed(0));
-        assert!(matches!(r.next(), Action::Done(Verdict::RolledBack { .. })));
+        assert!(matches!(
+            r.next_action(),
+            Action::Done(Verdict::RolledBack { .. })
+        ));
     }
 
     #[test]
@@ -655,18 +690,22 @@ mod tests {
         r.observe(deployed(1));
         r.observe(failed(2));
         assert_eq!(
-            r.next(),
+            r.next_action(),
             Action::Rollback(vec![(0, "v2".into()), (1, "v2".into())])
         );
-        assert_eq!(r.next(), Action::Wait);
+        assert_eq!(r.next_action(), Action::Wait);
         r.observe(Observation::RolledBack { host: 1 });
         r.observe(Observation::RolledBack { host: 0 });
-        let Action::Done(Verdict::RolledBack { failure }) = r.next() else {
+        let Action::Done(Verdict::RolledBack { failure }) = r.next_action() else {
             panic!("expected rolled back")
         };
         assert_eq!(failure.host, "h2");
         assert!(!failure.canary);
-        assert_eq!(r.states()[3], HostState::Pending, "the next batch never started");
+        assert_eq!(
+            r.states()[3],
+            HostState::Pending,
+            "the next batch never started"
+        );
         for h in 0..5 {
             assert_eq!(r.serving(h), Seen::Release("v2".into()), "host {h}");
         }
@@ -686,12 +725,12 @@ mod tests {
             serving: Seen::Release("v3".into()),
         });
         assert_eq!(
-            r.next(),
+            r.next_action(),
             Action::Rollback(vec![(0, "v2".into()), (1, "v2".into())])
         );
         r.observe(Observation::RolledBack { host: 0 });
         r.observe(Observation::RolledBack { host: 1 });
-        let Action::Done(Verdict::RolledBack { failure }) = r.next() else {
+        let Action::Done(Verdict::RolledBack { failure }) = r.next_action() else {
             panic!()
         };
         assert_eq!(failure.outcome, Outcome::EnvironmentError);
@@ -706,14 +745,14 @@ mod tests {
         expect_deploy(&mut r);
         r.observe(deployed(1));
         r.observe(failed(2));
-        assert!(matches!(r.next(), Action::Rollback(_)));
+        assert!(matches!(r.next_action(), Action::Rollback(_)));
         r.observe(Observation::RolledBack { host: 0 });
         r.observe(Observation::RollbackFailed {
             host: 1,
             message: "agent unreachable".into(),
             serving: Seen::Unknown,
         });
-        let Action::Done(Verdict::Mixed { failure, hosts }) = r.next() else {
+        let Action::Done(Verdict::Mixed { failure, hosts }) = r.next_action() else {
             panic!("expected mixed")
         };
         assert_eq!(failure.unwrap().host, "h2");
@@ -734,7 +773,7 @@ mod tests {
             message: "connection reset".into(),
             serving: Seen::Unknown,
         });
-        let Action::Done(Verdict::Mixed { hosts, .. }) = r.next() else {
+        let Action::Done(Verdict::Mixed { hosts, .. }) = r.next_action() else {
             panic!()
         };
         assert!(hosts[0].contains("h0: serves unknown"), "{hosts:?}");
@@ -757,7 +796,7 @@ mod tests {
             message: "unhealthy".into(),
             serving: Seen::Nothing,
         });
-        let Action::Done(Verdict::Mixed { hosts, .. }) = r.next() else {
+        let Action::Done(Verdict::Mixed { hosts, .. }) = r.next_action() else {
             panic!("expected mixed")
         };
         assert_eq!(hosts.len(), 1);
@@ -781,9 +820,12 @@ mod tests {
         });
         r.observe(deployed(1));
         r.observe(failed(2));
-        assert_eq!(r.next(), Action::Rollback(vec![(1, "v2".into())]));
+        assert_eq!(r.next_action(), Action::Rollback(vec![(1, "v2".into())]));
         r.observe(Observation::RolledBack { host: 1 });
-        assert!(matches!(r.next(), Action::Done(Verdict::RolledBack { .. })));
+        assert!(matches!(
+            r.next_action(),
+            Action::Done(Verdict::RolledBack { .. })
+        ));
     }
 
     #[test]
@@ -797,11 +839,14 @@ mod tests {
         r.observe(failed(1));
         assert_eq!(expect_deploy(&mut r), vec![2], "one failure is tolerated");
         r.observe(deployed(2));
-        let Action::Done(Verdict::Mixed { failure, hosts }) = r.next() else {
+        let Action::Done(Verdict::Mixed { failure, hosts }) = r.next_action() else {
             panic!("expected mixed")
         };
         assert_eq!(failure.unwrap().host, "h1");
-        assert_eq!(hosts, vec!["h1: serves v2 after its deploy of v3 failed (had v2)".to_string()]);
+        assert_eq!(
+            hosts,
+            vec!["h1: serves v2 after its deploy of v3 failed (had v2)".to_string()]
+        );
     }
 
     #[test]
@@ -815,9 +860,9 @@ mod tests {
         r.observe(deployed(1));
         expect_deploy(&mut r);
         r.observe(failed(2));
-        assert_eq!(r.next(), Action::Rollback(vec![(1, "v2".into())]));
+        assert_eq!(r.next_action(), Action::Rollback(vec![(1, "v2".into())]));
         r.observe(Observation::RolledBack { host: 1 });
-        let Action::Done(Verdict::RolledBack { failure }) = r.next() else {
+        let Action::Done(Verdict::RolledBack { failure }) = r.next_action() else {
             panic!()
         };
         assert_eq!(failure.host, "h0", "the first failure is reported");
@@ -839,13 +884,13 @@ mod tests {
         r.observe(failed(0)); // already reported
         assert_eq!(expect_deploy(&mut r), vec![1]);
         r.observe(deployed(1));
-        assert_eq!(r.next(), Action::Done(Verdict::Succeeded));
+        assert_eq!(r.next_action(), Action::Done(Verdict::Succeeded));
     }
 
     #[test]
     fn an_empty_environment_is_done_at_once() {
         let mut r = FleetRollout::new("v1", vec![], vec![], &Strategy::default());
-        assert_eq!(r.next(), Action::Done(Verdict::Succeeded));
+        assert_eq!(r.next_action(), Action::Done(Verdict::Succeeded));
     }
 
     #[test]

@@ -186,7 +186,11 @@ pub struct Environment {
 impl Environment {
     /// The interpolation variables of `host`: the environment's, then the
     /// host's, then the command line's (`--var`), later ones winning.
-    pub fn vars_for(&self, host: &Host, cli: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    pub fn vars_for(
+        &self,
+        host: &Host,
+        cli: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
         let mut v = self.vars.clone();
         v.extend(host.vars.clone());
         v.extend(cli.clone());
@@ -273,9 +277,8 @@ impl Inventory {
                         h.name
                     )));
                 }
-                let agent = normalize_agent(&h.agent).map_err(|m| {
-                    invalid(format!("`{hat}.agent` {:?}: {m}", h.agent))
-                })?;
+                let agent = normalize_agent(&h.agent)
+                    .map_err(|m| invalid(format!("`{hat}.agent` {:?}: {m}", h.agent)))?;
                 hosts.push(Host {
                     name: h.name.clone(),
                     agent,
@@ -283,17 +286,18 @@ impl Inventory {
                     ssh: h.ssh.clone(),
                 });
             }
-            let duration = |key: &str, v: &Option<String>| -> Result<Option<Duration>, InventoryError> {
-                v.as_ref()
-                    .map(|s| {
-                        humantime::parse_duration(s).map_err(|err| {
+            let duration =
+                |key: &str, v: &Option<String>| -> Result<Option<Duration>, InventoryError> {
+                    v.as_ref()
+                        .map(|s| {
+                            humantime::parse_duration(s).map_err(|err| {
                             invalid(format!(
                                 "`{at}.{key}` {s:?} is not a duration like \"30s\" or \"5m\": {err}"
                             ))
                         })
-                    })
-                    .transpose()
-            };
+                        })
+                        .transpose()
+                };
             let observation = duration("observation", &e.observation)?;
             let lock_ttl = duration("lock_ttl", &e.lock_ttl)?.unwrap_or(DEFAULT_LOCK_TTL);
             if lock_ttl < Duration::from_secs(1) {
@@ -324,9 +328,8 @@ impl Inventory {
                     )));
                 }
                 Some(BatchValue::Count(n)) => Batch::Count(*n),
-                Some(BatchValue::Text(t)) => parse_batch(t).map_err(|m| {
-                    invalid(format!("`{at}.strategy.batch` {t:?}: {m}"))
-                })?,
+                Some(BatchValue::Text(t)) => parse_batch(t)
+                    .map_err(|m| invalid(format!("`{at}.strategy.batch` {t:?}: {m}")))?,
             };
             if let Some(src) = &e.promote_from {
                 if src == name {
@@ -397,7 +400,9 @@ fn valid_name(s: &str) -> bool {
 /// `host:port` (an `https://` prefix and a trailing `/` are accepted).
 fn normalize_agent(s: &str) -> Result<String, String> {
     if s.starts_with("http://") {
-        return Err("the agent API is HTTPS only (mutual TLS): use host:port or https://host:port".into());
+        return Err(
+            "the agent API is HTTPS only (mutual TLS): use host:port or https://host:port".into(),
+        );
     }
     let t = s.trim_start_matches("https://").trim_end_matches('/');
     let (host, port) = t
@@ -427,7 +432,9 @@ fn parse_batch(t: &str) -> Result<Batch, String> {
         return Ok(Batch::Percent(n));
     }
     match t.parse::<usize>() {
-        Ok(0) | Err(_) => Err("give a number of hosts (at least 1) or a percentage like \"25%\"".into()),
+        Ok(0) | Err(_) => {
+            Err("give a number of hosts (at least 1) or a percentage like \"25%\"".into())
+        }
         Ok(n) => Ok(Batch::Count(n)),
     }
 }
@@ -508,13 +515,19 @@ agent = "p2:7443"
     fn unknown_environment_lists_the_known_ones() {
         let inv = parse(GOOD).unwrap();
         let e = inv.environment("prod").unwrap_err().to_string();
-        assert!(e.contains("\"prod\"") && e.contains("production, staging"), "{e}");
+        assert!(
+            e.contains("\"prod\"") && e.contains("production, staging"),
+            "{e}"
+        );
     }
 
     #[test]
     fn errors_name_the_key() {
         let cases: &[(&str, &str)] = &[
-            ("[environments.a]\nproject = \"p\"\ncompose = \"c\"\nbogus = 1\n", "bogus"),
+            (
+                "[environments.a]\nproject = \"p\"\ncompose = \"c\"\nbogus = 1\n",
+                "bogus",
+            ),
             (
                 "[environments.a]\nproject = \"p\"\ncompose = \"c\"\n[[environments.a.hosts]]\nname = \"h\"\nagent = \"h:1\"\n",
                 "client certificate",

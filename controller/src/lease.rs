@@ -53,9 +53,7 @@ pub struct FleetLease {
 
 fn held(e: &CallError) -> Option<&Lease> {
     match e {
-        CallError::Api { error, .. } if error.outcome == Outcome::Locked => {
-            error.holder.as_deref()
-        }
+        CallError::Api { error, .. } if error.outcome == Outcome::Locked => error.holder.as_deref(),
         _ => None,
     }
 }
@@ -128,7 +126,8 @@ impl FleetLease {
                 Ok(()) => return Ok(lease),
                 Err(failure) => {
                     lease.release(out).await;
-                    let retry = matches!(failure, LockFailure::Held { .. }) && Instant::now() < deadline;
+                    let retry =
+                        matches!(failure, LockFailure::Held { .. }) && Instant::now() < deadline;
                     if !retry {
                         return Err(failure);
                     }
@@ -160,7 +159,10 @@ impl FleetLease {
                         }
                     }
                     Err(e) => match held(&e) {
-                        Some(h) if Some(h.deployment_id.as_str()) == stale && Instant::now() < give_up => {
+                        Some(h)
+                            if Some(h.deployment_id.as_str()) == stale
+                                && Instant::now() < give_up =>
+                        {
                             again.push(*c)
                         }
                         Some(_) => {
@@ -197,7 +199,10 @@ impl FleetLease {
                 let results = join_all(clients.iter().map(|c| c.renew(&request))).await;
                 for (c, r) in clients.iter().zip(results) {
                     if let Err(e) = r {
-                        out.warn(&format!("cannot renew the environment lock on {}: {e}", c.host));
+                        out.warn(&format!(
+                            "cannot renew the environment lock on {}: {e}",
+                            c.host
+                        ));
                     }
                 }
             }

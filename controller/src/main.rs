@@ -1,1 +1,317 @@
-fn main() {}
+//! `deploy-controller`: the fleet CLI (see the crate docs and README).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use deploy_controller::deploy::{DeployOptions, RollbackOptions};
+use deploy_controller::inventory::Inventory;
+use deploy_controller::pki::{self, Kind};
+use deploy_controller::report::Reporter;
+use deploy_controller::{commands, deploy, exit};
+
+#[derive(Parser)]
+#[command(
+    name = "deploy-controller",
+    version,
+    about = "Deploys releases to fleets of deploy-agent hosts: canary, batches, fleet-wide rollback"
+)]
+struct Cli {
+    /// The inventory: environments, hosts, strategy, client certificate.
+    #[arg(
+        long,
+        global = true,
+        env = "DEPLOY_INVENTORY",
+        default_value = "deploy.toml"
+    )]
+    inventory: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The private CA and the certificates of agents and clients.
+    Pki {
+        #[command(subcommand)]
+        cmd: PkiCmd,
+    },
+    /// Deploy a release to every host of an environment.
+    Deploy {
+        #[arg(long)]
+        env: String,
+        #[arg(long)]
+        release: String,
+        /// Interpolation variable `K=V` (repeatable), over the inventory's.
+        #[arg(long = "var", value_name = "K=V")]
+        vars: Vec<String>,
+        /// The compose file (default: the environment's `compose`).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Deploy the digests this environment recorded for the release
+        /// (default: the environment's `promote_from`).
+        #[arg(long, value_name = "ENV", conflicts_with = "no_promote")]
+        promote_from: Option<String>,
+        /// Resolve the compose file's tags even if `promote_from` is set.
+        #[arg(long)]
+        no_promote: bool,
+        /// Wait this long for another deployment's environment lock.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        lock_wait: Option<Duration>,
+        /// Why (recorded in every agent's audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Roll every host of an environment back at once.
+    Rollback {
+        #[arg(long)]
+        env: String,
+        /// The release to go back to (default: each host's previous one).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        lock_wait: Option<Duration>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which release runs where: host × project, digests, health, drift.
+    Status {
+        #[arg(long)]
+        env: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The hosts' deploys and rollbacks, merged, newest first.
+    History {
+        #[arg(long)]
+        env: String,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The hosts' audit records, merged, oldest first.
+    Audit {
+        #[arg(long)]
+        env: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Every record, not only the environment's project.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create a CA (ca.pem, ca-key.pem) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a certificate (NAME.pem, NAME-key.pem) signed by DIR's CA.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CN: the identity agents authorize (clients), or the agent's name.
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        kind: Kind,
+        /// A DNS name or IP address the agent is reached at (repeatable).
+        #[arg(long = "san", value_name = "HOST_OR_IP")]
+        sans: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Both rustls providers may be compiled in; pick one explicitly.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::ENVIRONMENT as u8);
+        }
+    };
+    let code = runtime.block_on(run(cli));
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn parse_vars(vars: &[String]) -> Result<BTreeMap<String, String>, String> {
+    let mut m = BTreeMap::new();
+    for v in vars {
+        let Some((k, val)) = v.split_once('=') else {
+            return Err(format!("--var {v:?} must be KEY=VALUE"));
+        };
+        if k.is_empty() {
+            return Err(format!("--var {v:?}: the name is empty"));
+        }
+        m.insert(k.to_string(), val.to_string());
+    }
+    Ok(m)
+}
+
+fn load(path: &std::path::Path) -> Result<Inventory, i32> {
+    Inventory::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        exit::CONFIG
+    })
+}
+
+async fn run(cli: Cli) -> i32 {
+    match cli.cmd {
+        Cmd::Pki { cmd } => match cmd {
+            PkiCmd::Init { dir, days } => match pki::init(&dir, days) {
+                Ok(files) => {
+                    println!(
+                        "CA created: {} (keep {} secret)",
+                        files.cert.display(),
+                        files.key.display()
+                    );
+                    exit::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::CONFIG
+                }
+            },
+            PkiCmd::Issue {
+                dir,
+                name,
+                kind,
+                sans,
+                days,
+            } => match pki::issue(&dir, &name, kind, &sans, days) {
+                Ok(files) => {
+                    println!(
+                        "issued {} certificate {}: {} (key {})",
+                        match kind {
+                            Kind::Agent => "agent",
+                            Kind::Client => "client",
+                        },
+                        name,
+                        files.cert.display(),
+                        files.key.display()
+                    );
+                    exit::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::CONFIG
+                }
+            },
+        },
+        Cmd::Deploy {
+            env,
+            release,
+            vars,
+            file,
+            promote_from,
+            no_promote,
+            lock_wait,
+            reason,
+            json,
+        } => {
+            let vars = match parse_vars(&vars) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return exit::CONFIG;
+                }
+            };
+            let inv = match load(&cli.inventory) {
+                Ok(i) => i,
+                Err(code) => return code,
+            };
+            let out = Arc::new(Reporter::new(json));
+            let opts = DeployOptions {
+                env,
+                release,
+                vars,
+                file,
+                promote_from,
+                no_promote,
+                lock_wait,
+                reason,
+            };
+            deploy::deploy(&inv, &opts, out).await
+        }
+        Cmd::Rollback {
+            env,
+            to,
+            lock_wait,
+            reason,
+            json,
+        } => {
+            let inv = match load(&cli.inventory) {
+                Ok(i) => i,
+                Err(code) => return code,
+            };
+            let out = Arc::new(Reporter::new(json));
+            let opts = RollbackOptions {
+                env,
+                to,
+                lock_wait,
+                reason,
+            };
+            deploy::rollback(&inv, &opts, out).await
+        }
+        Cmd::Status { env, json } => match load(&cli.inventory) {
+            Ok(inv) => commands::status(&inv, &env, json).await,
+            Err(code) => code,
+        },
+        Cmd::History { env, limit, json } => match load(&cli.inventory) {
+            Ok(inv) => commands::history(&inv, &env, limit, json).await,
+            Err(code) => code,
+        },
+        Cmd::Audit {
+            env,
+            limit,
+            all,
+            json,
+        } => match load(&cli.inventory) {
+            Ok(inv) => commands::audit(&inv, &env, all, limit, json).await,
+            Err(code) => code,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn vars() {
+        assert_eq!(
+            parse_vars(&["A=1".into(), "B=x=y".into()]).unwrap(),
+            BTreeMap::from([("A".into(), "1".into()), ("B".into(), "x=y".into())])
+        );
+        assert!(parse_vars(&["A".into()]).is_err());
+        assert!(parse_vars(&["=1".into()]).is_err());
+    }
+}

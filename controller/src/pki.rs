@@ -76,7 +76,7 @@ pub fn paths(dir: &Path, name: &str) -> Issued {
     }
 }
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PkiError + 'a {
     move |source| PkiError::Io {
         op,
         path: path.to_path_buf(),
@@ -202,8 +202,9 @@ pub fn issue_between(
     })?;
     let ca_key = KeyPair::from_pem(&ca_key_pem)
         .map_err(|e| PkiError::Invalid(format!("{}: not a private key: {e}", ca.key.display())))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
-        .map_err(|e| PkiError::Invalid(format!("{}: not a CA certificate: {e}", ca.cert.display())))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| {
+        PkiError::Invalid(format!("{}: not a CA certificate: {e}", ca.cert.display()))
+    })?;
     let files = paths(dir, name);
     refuse_existing(&files)?;
 
@@ -216,11 +217,21 @@ pub fn issue_between(
         sans.push(name.to_string());
     }
     for s in &sans {
+        let not_a_name = |why: String| {
+            PkiError::Invalid(format!(
+                "--san {s:?} is neither an IP address nor a DNS name: {why}"
+            ))
+        };
         let san = match s.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(s.as_str().try_into().map_err(|e| {
-                PkiError::Invalid(format!("--san {s:?} is neither an IP address nor a DNS name: {e}"))
-            })?),
+            Err(_) if !is_dns_name(s) => {
+                return Err(not_a_name("use letters, digits, `-` and dots".into()));
+            }
+            Err(_) => SanType::DnsName(
+                s.as_str()
+                    .try_into()
+                    .map_err(|e| not_a_name(format!("{e}")))?,
+            ),
         };
         p.subject_alt_names.push(san);
     }
@@ -240,6 +251,20 @@ pub fn issue_between(
     write_new(&files.key, &key.serialize_pem(), 0o600)?;
     write_new(&files.cert, &format!("{}{}", cert.pem(), ca_pem), 0o644)?;
     Ok(files)
+}
+
+/// `host`, `web-1.internal`, `*.example.com`.
+fn is_dns_name(s: &str) -> bool {
+    let s = s.strip_prefix("*.").unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 #[cfg(test)]
@@ -274,7 +299,13 @@ mod tests {
         assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 2, "leaf + CA");
         let der = first_der(&pem);
         let (_, x) = X509Certificate::from_der(&der).unwrap();
-        let cn = x.subject().iter_common_name().next().unwrap().as_str().unwrap();
+        let cn = x
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
         assert_eq!(cn, "agent-1");
         let san = x.subject_alternative_name().unwrap().unwrap();
         assert_eq!(san.value.general_names.len(), 2);
@@ -302,5 +333,11 @@ mod tests {
         assert!(issue(d.path(), "../x", Kind::Client, &[], 1).is_err());
         let e = issue(d.path(), "ok", Kind::Agent, &["bad name!".into()], 1).unwrap_err();
         assert!(e.to_string().contains("--san"), "{e}");
+        assert!(
+            is_dns_name("web-1.internal")
+                && is_dns_name("*.example.com")
+                && is_dns_name("localhost")
+        );
+        assert!(!is_dns_name("a..b") && !is_dns_name("-a") && !is_dns_name(""));
     }
 }

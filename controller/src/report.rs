@@ -99,7 +99,9 @@ impl Reporter {
     /// What the controller is doing.
     pub fn phase(&self, msg: &str) {
         match self.mode {
-            Mode::Json => self.json_line(&serde_json::json!({"type": "phase", "ts": now(), "message": msg})),
+            Mode::Json => {
+                self.json_line(&serde_json::json!({"type": "phase", "ts": now(), "message": msg}))
+            }
             _ => self.line(&format!("==> {msg}")),
         }
     }
@@ -152,7 +154,11 @@ impl Reporter {
             }
             _ => match ev {
                 Event::Progress(p) => {
-                    let svc = p.service.as_deref().map(|s| format!("[{s}] ")).unwrap_or_default();
+                    let svc = p
+                        .service
+                        .as_deref()
+                        .map(|s| format!("[{s}] "))
+                        .unwrap_or_default();
                     self.host(host, &format!("{}: {svc}{}", p.step, p.message));
                 }
                 Event::Result(r) => {
@@ -173,7 +179,9 @@ impl Reporter {
 
     pub fn warn(&self, msg: &str) {
         match self.mode {
-            Mode::Json => self.json_line(&serde_json::json!({"type": "warning", "ts": now(), "message": msg})),
+            Mode::Json => {
+                self.json_line(&serde_json::json!({"type": "warning", "ts": now(), "message": msg}))
+            }
             _ => {
                 if let Some(m) = &self.multi {
                     let _ = m.println(format!("warning: {msg}"));
@@ -187,7 +195,9 @@ impl Reporter {
     /// An error: stderr for people, a JSON line for machines.
     pub fn error(&self, msg: &str) {
         match self.mode {
-            Mode::Json => self.json_line(&serde_json::json!({"type": "error", "ts": now(), "message": msg})),
+            Mode::Json => {
+                self.json_line(&serde_json::json!({"type": "error", "ts": now(), "message": msg}))
+            }
             _ => {
                 self.finish();
                 eprintln!("error: {msg}");
@@ -234,9 +244,18 @@ pub fn step_summary(markdown: &str) -> Result<(), String> {
         .create(true)
         .append(true)
         .open(&path)
-        .map_err(|e| format!("cannot append to $GITHUB_STEP_SUMMARY ({}): {e}", path.to_string_lossy()))?;
-    f.write_all(markdown.as_bytes())
-        .map_err(|e| format!("cannot append to $GITHUB_STEP_SUMMARY ({}): {e}", path.to_string_lossy()))
+        .map_err(|e| {
+            format!(
+                "cannot append to $GITHUB_STEP_SUMMARY ({}): {e}",
+                path.to_string_lossy()
+            )
+        })?;
+    f.write_all(markdown.as_bytes()).map_err(|e| {
+        format!(
+            "cannot append to $GITHUB_STEP_SUMMARY ({}): {e}",
+            path.to_string_lossy()
+        )
+    })
 }
 
 /// Escapes a table cell.

@@ -447,3 +447,94 @@ pub fn hostname() -> String {
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "localhost".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Result<AgentConfig, String> {
+        AgentConfig::parse(std::path::Path::new("agent.toml"), text).map_err(|e| e.to_string())
+    }
+
+    const TLS: &str = "api_listen = \"0.0.0.0:7443\"\ntls_cert = \"a.pem\"\ntls_key = \"a-key.pem\"\ntls_ca = \"ca.pem\"\n";
+
+    #[test]
+    fn the_tls_api_needs_certificates_an_environment_and_grants() {
+        let ok = cfg(&format!(
+            "{TLS}environment = \"production\"\n[grants]\n\"ci-production\" = \"deployer\"\ndashboard = \"reader\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.api_listen, Some("0.0.0.0:7443".parse().unwrap()));
+        assert_eq!(ok.grants["dashboard"], crate::wire::Role::Reader);
+        assert_eq!(environment(&ok), "production");
+        // No TLS API: nothing else is required.
+        assert_eq!(environment(&cfg("").unwrap()), DEFAULT_ENVIRONMENT);
+
+        let e =
+            cfg("api_listen = \"0.0.0.0:7443\"\nenvironment = \"p\"\ngrants = { x = \"reader\" }")
+                .unwrap_err();
+        assert!(e.contains("tls_cert, tls_key, tls_ca"), "{e}");
+        let e = cfg(&format!("{TLS}grants = {{ x = \"reader\" }}")).unwrap_err();
+        assert!(e.contains("environment"), "{e}");
+        let e = cfg(&format!("{TLS}environment = \"p\"")).unwrap_err();
+        assert!(e.contains("[grants]"), "{e}");
+        let e = cfg(&format!(
+            "{TLS}environment = \"p\"\ngrants = {{ x = \"admin\" }}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("admin"), "{e}");
+        let e = cfg("environment = \"prod env\"").unwrap_err();
+        assert!(e.contains("environment"), "{e}");
+        let e = cfg("grants = { \"mtls:x\" = \"reader\" }").unwrap_err();
+        assert!(e.contains("CN"), "{e}");
+        let e = cfg("api_listen = \"nowhere\"").unwrap_err();
+        assert!(e.contains("api_listen"), "{e}");
+    }
+
+    #[test]
+    fn only_the_lease_holder_deploys_while_it_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let config = cfg("environment = \"production\"").unwrap();
+        assert!(check_lease(&store, &config, None, "unix:root").is_ok());
+        store
+            .acquire_lease(
+                "production",
+                "d1",
+                "mtls:ci",
+                Some("deploy of v2"),
+                Duration::from_secs(60),
+                jiff::Timestamp::now(),
+            )
+            .unwrap();
+        assert!(check_lease(&store, &config, Some("d1"), "mtls:ci").is_ok());
+        for (id, who) in [
+            (None, "unix:root"),
+            (Some("d2"), "mtls:ci"),
+            (Some("d1"), "mtls:other"),
+        ] {
+            let e = check_lease(&store, &config, id, who).unwrap_err();
+            assert_eq!(e.outcome, Outcome::Locked);
+            assert!(
+                e.message.contains("deployment d1 (mtls:ci, deploy of v2)"),
+                "{}",
+                e.message
+            );
+        }
+        // Another environment's lease does not matter here.
+        let staging = cfg("environment = \"staging\"").unwrap();
+        assert!(check_lease(&store, &staging, None, "unix:root").is_ok());
+    }
+
+    #[test]
+    fn error_statuses() {
+        assert_eq!(status_of(Outcome::Denied), StatusCode::FORBIDDEN);
+        assert_eq!(status_of(Outcome::Locked), StatusCode::CONFLICT);
+        assert_eq!(status_of(Outcome::ConfigError), StatusCode::BAD_REQUEST);
+        assert_eq!(status_of(Outcome::RegistryError), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            status_of(Outcome::EnvironmentError),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+}

@@ -1,0 +1,376 @@
+//! `status`, `history` and `audit`: ask every host of an environment at
+//! once and merge the answers.
+
+use std::collections::BTreeMap;
+
+use deploy_agent::store::AuditRecord;
+use deploy_agent::wire::{HistoryEntry, Outcome, ProjectStatus};
+use futures_util::future::join_all;
+use serde::Serialize;
+
+use crate::client::{AgentClient, CallError, http_client};
+use crate::deploy::short_digest;
+use crate::exit;
+use crate::inventory::{Environment, Inventory};
+
+fn setup(inv: &Inventory, env: &str) -> Result<(Environment, Vec<AgentClient>), i32> {
+    let env = inv.environment(env).map_err(|e| {
+        eprintln!("error: {e}");
+        exit::CONFIG
+    })?;
+    let http = http_client(&env.tls).map_err(|e| {
+        eprintln!("error: {e}");
+        exit::CONFIG
+    })?;
+    let clients = env
+        .hosts
+        .iter()
+        .map(|h| AgentClient::new(h, http.clone()))
+        .collect();
+    Ok((env.clone(), clients))
+}
+
+/// One row of `status`: a host × the environment's project.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusRow {
+    pub host: String,
+    pub agent: String,
+    pub project: String,
+    pub release: Option<String>,
+    pub previous: Option<String>,
+    pub since: Option<String>,
+    /// Service name to pinned image.
+    pub digests: BTreeMap<String, String>,
+    /// `healthy`, `degraded`, `operation in progress`, `not deployed`,
+    /// `unreachable`, `refused` (the agent denied this identity).
+    pub health: String,
+    /// Why it is not what the environment should be (empty: nothing).
+    pub drift: Vec<String>,
+    pub operation: Option<String>,
+    /// The outcome of the newest deploy or rollback on this host.
+    pub last_outcome: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusOutput {
+    pub environment: String,
+    pub project: String,
+    /// The release most hosts serve.
+    pub release: Option<String>,
+    pub hosts: Vec<StatusRow>,
+    /// The exit code: the first host error's, else 0.
+    #[serde(skip)]
+    pub exit_code: i32,
+}
+
+fn health_of(p: &ProjectStatus) -> String {
+    if p.current.is_none() {
+        return "not deployed".into();
+    }
+    if p.operation.is_some() {
+        return "operation in progress".into();
+    }
+    let all_running = p.services.iter().all(|s| {
+        s.replicas
+            .iter()
+            .all(|r| r.state.starts_with("running") && !r.state.contains("unhealthy"))
+    });
+    if p.drift.is_empty() && all_running {
+        "healthy".into()
+    } else {
+        "degraded".into()
+    }
+}
+
+/// The status of every host; the environment's release is the one most
+/// hosts serve (ties: the first host's).
+pub async fn status_rows(env: &Environment, clients: &[AgentClient]) -> StatusOutput {
+    let answers = join_all(clients.iter().map(|c| async {
+        let s = c.status(&env.project).await;
+        let h = c.history(&env.project).await;
+        (s, h)
+    }))
+    .await;
+    let mut rows = Vec::new();
+    let mut exit_code = exit::SUCCESS;
+    for (c, (s, h)) in clients.iter().zip(answers) {
+        let last_outcome = h.ok().and_then(|h| {
+            h.into_iter().next().map(|e| {
+                format!(
+                    "{} {} {}",
+                    e.operation.as_str(),
+                    e.release,
+                    e.outcome.map(Outcome::as_str).unwrap_or("in progress")
+                )
+            })
+        });
+        let mut row = StatusRow {
+            host: c.host.clone(),
+            agent: c.addr.clone(),
+            project: env.project.clone(),
+            release: None,
+            previous: None,
+            since: None,
+            digests: BTreeMap::new(),
+            health: "not deployed".into(),
+            drift: vec![],
+            operation: None,
+            last_outcome,
+            error: None,
+        };
+        match s {
+            Ok(report) => {
+                if let Some(p) = report.projects.iter().find(|p| p.project == env.project) {
+                    row.health = health_of(p);
+                    row.release = p.current.clone();
+                    row.previous = p.previous.clone();
+                    row.since = p.since.clone();
+                    row.digests = p.digests.clone();
+                    row.drift = p.drift.clone();
+                    row.operation = p.operation.clone();
+                }
+            }
+            Err(CallError::Api { error, .. }) if error.outcome == Outcome::ConfigError => {}
+            Err(e) => {
+                row.health = match e {
+                    CallError::Api { .. } => "refused".into(),
+                    _ => "unreachable".into(),
+                };
+                if exit_code == exit::SUCCESS {
+                    exit_code = e.outcome().exit_code();
+                }
+                row.error = Some(e.to_string());
+            }
+        }
+        rows.push(row);
+    }
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for r in &rows {
+        if let Some(rel) = &r.release {
+            match counts.iter_mut().find(|(x, _)| x == rel) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((rel.clone(), 1)),
+            }
+        }
+    }
+    let release = counts
+        .iter()
+        .fold(None::<&(String, usize)>, |best, c| match best {
+            Some(b) if b.1 >= c.1 => Some(b),
+            _ => Some(c),
+        })
+        .map(|(r, _)| r.clone());
+    for r in &mut rows {
+        if r.error.is_some() {
+            continue;
+        }
+        if let Some(env_release) = &release
+            && r.release.as_ref() != Some(env_release)
+        {
+            r.drift.insert(
+                0,
+                format!(
+                    "serves {} while the environment runs {env_release}",
+                    r.release.as_deref().unwrap_or("nothing")
+                ),
+            );
+        }
+    }
+    StatusOutput {
+        environment: env.name.clone(),
+        project: env.project.clone(),
+        release,
+        hosts: rows,
+        exit_code,
+    }
+}
+
+pub async fn status(inv: &Inventory, env: &str, json: bool) -> i32 {
+    let (env, clients) = match setup(inv, env) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let s = status_rows(&env, &clients).await;
+    if json {
+        println!("{}", serde_json::to_string(&s).unwrap_or_default());
+    } else {
+        print_status(&s);
+    }
+    s.exit_code
+}
+
+fn print_status(s: &StatusOutput) {
+    println!(
+        "{} ({}): {}",
+        s.environment,
+        s.project,
+        s.release
+            .as_deref()
+            .map(|r| format!("release {r}"))
+            .unwrap_or_else(|| "nothing deployed".into())
+    );
+    let headers = [
+        "HOST", "RELEASE", "DIGESTS", "HEALTH", "SINCE", "DRIFT", "LAST",
+    ];
+    let rows: Vec<[String; 7]> = s
+        .hosts
+        .iter()
+        .map(|h| {
+            [
+                h.host.clone(),
+                h.release.clone().unwrap_or_else(|| "-".into()),
+                if h.digests.is_empty() {
+                    "-".into()
+                } else {
+                    h.digests
+                        .iter()
+                        .map(|(svc, d)| {
+                            let short = short_digest(d);
+                            let hex = short.rsplit_once("sha256:").map(|x| x.1).unwrap_or(&short);
+                            format!("{svc}={hex}")
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+                h.health.clone(),
+                h.since.clone().unwrap_or_else(|| "-".into()),
+                if let Some(e) = &h.error {
+                    e.clone()
+                } else if h.drift.is_empty() {
+                    "-".into()
+                } else {
+                    h.drift.join("; ")
+                },
+                h.last_outcome.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut widths = headers.map(str::len);
+    for r in &rows {
+        for (i, c) in r.iter().enumerate().take(6) {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i < 6 {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            } else {
+                s.push_str(c);
+            }
+        }
+        s.trim_end().to_string()
+    };
+    println!("{}", line(&headers.map(String::from)));
+    for r in &rows {
+        println!("{}", line(r));
+    }
+}
+
+#[derive(Serialize)]
+struct HostHistory<'a> {
+    host: &'a str,
+    #[serde(flatten)]
+    entry: &'a HistoryEntry,
+}
+
+pub async fn history(inv: &Inventory, env: &str, limit: usize, json: bool) -> i32 {
+    let (env, clients) = match setup(inv, env) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let answers = join_all(clients.iter().map(|c| c.history(&env.project))).await;
+    let mut all: Vec<(&str, HistoryEntry)> = Vec::new();
+    let mut code = exit::SUCCESS;
+    for (c, a) in clients.iter().zip(answers) {
+        match a {
+            Ok(h) => all.extend(h.into_iter().map(|e| (c.host.as_str(), e))),
+            Err(e) => {
+                eprintln!("error: {e}");
+                code = e.outcome().exit_code();
+            }
+        }
+    }
+    all.sort_by(|a, b| b.1.started_at.cmp(&a.1.started_at).then(a.0.cmp(b.0)));
+    all.truncate(limit);
+    for (host, e) in &all {
+        if json {
+            let line = serde_json::to_string(&HostHistory { host, entry: e }).unwrap_or_default();
+            println!("{line}");
+        } else {
+            println!(
+                "{}  {:<14} {:<9} {:<14} {:<18} from {:<12} by {}{}",
+                e.started_at,
+                host,
+                e.operation.as_str(),
+                e.release,
+                e.outcome.map(Outcome::as_str).unwrap_or("in progress"),
+                e.previous.as_deref().unwrap_or("-"),
+                e.who,
+                e.duration_ms
+                    .map(|d| format!(" ({:.1}s)", d as f64 / 1000.0))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if all.is_empty() && !json && code == exit::SUCCESS {
+        println!("no operations recorded for {} in {}", env.project, env.name);
+    }
+    code
+}
+
+#[derive(Serialize)]
+struct HostAudit<'a> {
+    host: &'a str,
+    #[serde(flatten)]
+    record: &'a AuditRecord,
+}
+
+pub async fn audit(
+    inv: &Inventory,
+    env: &str,
+    all_projects: bool,
+    limit: usize,
+    json: bool,
+) -> i32 {
+    let (env, clients) = match setup(inv, env) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let project = (!all_projects).then_some(env.project.as_str());
+    let answers = join_all(clients.iter().map(|c| c.audit(project, limit))).await;
+    let mut all: Vec<(&str, AuditRecord)> = Vec::new();
+    let mut code = exit::SUCCESS;
+    for (c, a) in clients.iter().zip(answers) {
+        match a {
+            Ok(r) => all.extend(r.into_iter().map(|r| (c.host.as_str(), r))),
+            Err(e) => {
+                eprintln!("error: {e}");
+                code = e.outcome().exit_code();
+            }
+        }
+    }
+    all.sort_by(|a, b| a.1.ts.cmp(&b.1.ts).then(a.0.cmp(b.0)));
+    for (host, r) in &all {
+        if json {
+            let line = serde_json::to_string(&HostAudit { host, record: r }).unwrap_or_default();
+            println!("{line}");
+        } else {
+            println!(
+                "{}  {:<14} #{:<5} {:<22} {:<24} {} {} {}",
+                r.ts,
+                host,
+                r.seq,
+                r.who,
+                r.action,
+                r.project.as_deref().unwrap_or("-"),
+                r.release.as_deref().unwrap_or("-"),
+                r.outcome.as_deref().unwrap_or("")
+            );
+        }
+    }
+    code
+}

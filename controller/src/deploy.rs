@@ -1,0 +1,917 @@
+//! `deploy-controller deploy` and `rollback`: the imperative shell around
+//! [`FleetRollout`]. It reads the inventory and compose file, promotes
+//! digests, pre-pulls on every host, takes the environment lock, then takes
+//! each action of the state machine (a whole wave in parallel) and feeds
+//! the hosts' results back; at the end it releases the lock and reports.
+//!
+//! Cost grows with waves, not hosts: pre-pull, lock, every wave and the
+//! rollback each run their hosts' requests concurrently.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deploy_agent::wire::{DeployRequest, OperationResult, Outcome, PullRequest, RollbackRequest};
+use futures_util::future::join_all;
+use serde::Serialize;
+
+use crate::client::{AgentClient, CallError, http_client};
+use crate::exit;
+use crate::fleet::{Action, Failure, FleetRollout, Observation, Seen, Verdict};
+use crate::inventory::{Environment, Inventory};
+use crate::lease::FleetLease;
+use crate::promote;
+use crate::report::{Reporter, md_cell, step_summary};
+
+/// How long a host's agent may wait for its own per-project lock. Under
+/// the environment lock, that lock is only held by an operation already
+/// running there (e.g. one a killed controller started, which the agent
+/// finishes on its own): waiting for it is right.
+const HOST_LOCK_WAIT: Duration = Duration::from_secs(300);
+
+pub struct DeployOptions {
+    pub env: String,
+    pub release: String,
+    pub vars: BTreeMap<String, String>,
+    pub file: Option<PathBuf>,
+    pub promote_from: Option<String>,
+    pub no_promote: bool,
+    pub lock_wait: Option<Duration>,
+    pub reason: Option<String>,
+}
+
+/// One host's line of the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostLine {
+    pub host: String,
+    pub before: Option<String>,
+    /// What it serves at the end (`unknown` when its agent could not tell).
+    pub after: String,
+    pub result: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub command: &'static str,
+    pub environment: String,
+    pub project: String,
+    pub release: String,
+    pub deployment_id: String,
+    /// `succeeded`, `rolled_back`, `mixed`, or `refused` (nothing changed).
+    pub outcome: String,
+    pub exit_code: i32,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate: Option<String>,
+    pub digests: BTreeMap<String, String>,
+    pub hosts: Vec<HostLine>,
+    pub duration_ms: u64,
+}
+
+impl Summary {
+    fn markdown(&self) -> String {
+        let icon = match self.outcome.as_str() {
+            "succeeded" => "✅",
+            "rolled_back" => "↩️",
+            _ => "❌",
+        };
+        let mut md = format!(
+            "### {icon} {}: {}\n\n{}\n\n",
+            self.what(),
+            self.outcome.replace('_', " "),
+            md_cell(&self.message)
+        );
+        if !self.hosts.is_empty() {
+            md.push_str("| host | before | after | result |\n|---|---|---|---|\n");
+            for h in &self.hosts {
+                md.push_str(&format!(
+                    "| {} | {} | {} | {} |\n",
+                    md_cell(&h.host),
+                    md_cell(h.before.as_deref().unwrap_or("-")),
+                    md_cell(&h.after),
+                    md_cell(&h.result)
+                ));
+            }
+            md.push('\n');
+        }
+        if !self.digests.is_empty() {
+            md.push_str("Images:\n");
+            for (s, d) in &self.digests {
+                md.push_str(&format!("- `{s}`: `{d}`\n"));
+            }
+            md.push('\n');
+        }
+        md.push_str(&format!(
+            "Deployment `{}`, exit code {}, {:.1}s.\n\n",
+            self.deployment_id,
+            self.exit_code,
+            self.duration_ms as f64 / 1000.0
+        ));
+        md
+    }
+
+    fn what(&self) -> String {
+        if self.command == "rollback" {
+            format!(
+                "rollback of {} in {} to {}",
+                self.project, self.environment, self.release
+            )
+        } else {
+            format!(
+                "deploy {} of {} to {}",
+                self.release, self.project, self.environment
+            )
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut s = format!(
+            "{}: {} (exit {}) — {}",
+            self.what(),
+            self.outcome.replace('_', " "),
+            self.exit_code,
+            self.message
+        );
+        for h in &self.hosts {
+            s.push_str(&format!(
+                "\n  {:<16} {:<14} -> {:<14} {}",
+                h.host,
+                h.before.as_deref().unwrap_or("-"),
+                h.after,
+                h.result
+            ));
+        }
+        s
+    }
+}
+
+/// A deployment id: environment, release, UTC time, and randomness.
+pub fn new_deployment_id(env: &str, release: &str) -> String {
+    let t = jiff::Timestamp::now();
+    let stamp = t.strftime("%Y%m%dT%H%M%SZ").to_string();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&(std::process::id(), t.as_nanosecond()), &mut h);
+    let r = std::hash::Hasher::finish(&h) % 0x1_0000_0000;
+    let release: String = release.chars().take(40).collect();
+    format!("{env}-{release}-{stamp}-{r:08x}")
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+struct Ctx<'a> {
+    env: &'a Environment,
+    clients: Vec<AgentClient>,
+    out: Arc<Reporter>,
+    started: Instant,
+    deployment_id: String,
+}
+
+impl Ctx<'_> {
+    fn refuse(&self, command: &'static str, release: &str, code: i32, message: String) -> i32 {
+        self.out.error(&message);
+        let summary = Summary {
+            command,
+            environment: self.env.name.clone(),
+            project: self.env.project.clone(),
+            release: release.to_string(),
+            deployment_id: self.deployment_id.clone(),
+            outcome: "refused".into(),
+            exit_code: code,
+            message,
+            failed_host: None,
+            gate: None,
+            digests: BTreeMap::new(),
+            hosts: vec![],
+            duration_ms: ms(self.started.elapsed()),
+        };
+        self.finish(&summary);
+        code
+    }
+
+    fn finish(&self, summary: &Summary) {
+        self.out.summary(summary, &summary.text());
+        if let Err(e) = step_summary(&summary.markdown()) {
+            self.out.warn(&e);
+        }
+    }
+
+    /// What a host serves now, asked after a failed call.
+    async fn serving(&self, host: usize) -> Seen {
+        match self.clients[host].status(&self.env.project).await {
+            Ok(r) => Seen::from_option(
+                r.projects
+                    .into_iter()
+                    .find(|p| p.project == self.env.project)
+                    .and_then(|p| p.current),
+            ),
+            Err(CallError::Api { error, .. }) if error.outcome == Outcome::ConfigError => {
+                Seen::Nothing
+            }
+            Err(_) => Seen::Unknown,
+        }
+    }
+}
+
+/// Sorts per-host call errors into one exit code and message (host order:
+/// the first one decides the code).
+fn combine(errors: &[CallError]) -> (i32, String) {
+    let code = errors
+        .first()
+        .map(|e| e.outcome().exit_code())
+        .unwrap_or(exit::ENVIRONMENT);
+    let msg = errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    (code, msg)
+}
+
+/// `deploy-controller deploy`. Returns the exit code.
+pub async fn deploy(inv: &Inventory, opts: &DeployOptions, out: Arc<Reporter>) -> i32 {
+    let started = Instant::now();
+    let env = match inv.environment(&opts.env) {
+        Ok(e) => e,
+        Err(e) => {
+            out.error(&e.to_string());
+            return exit::CONFIG;
+        }
+    };
+    let release = opts.release.as_str();
+    let compose_path = opts.file.clone().unwrap_or_else(|| env.compose.clone());
+    let compose_text = match std::fs::read_to_string(&compose_path) {
+        Ok(t) => t,
+        Err(e) => {
+            out.error(&format!(
+                "cannot read the compose file {}: {e}; set `compose` in the inventory or pass --file",
+                compose_path.display()
+            ));
+            return exit::CONFIG;
+        }
+    };
+    let http = match http_client(&env.tls) {
+        Ok(c) => c,
+        Err(e) => {
+            out.error(&e.to_string());
+            return exit::CONFIG;
+        }
+    };
+    let ctx = Ctx {
+        env,
+        clients: env
+            .hosts
+            .iter()
+            .map(|h| AgentClient::new(h, http.clone()))
+            .collect(),
+        out: out.clone(),
+        started,
+        deployment_id: new_deployment_id(&env.name, release),
+    };
+    let names: Vec<String> = env.hosts.iter().map(|h| h.name.clone()).collect();
+    out.phase(&format!(
+        "deploy {release} of {} to {} ({} host(s): {}), deployment {}",
+        env.project,
+        env.name,
+        names.len(),
+        names.join(", "),
+        ctx.deployment_id
+    ));
+
+    // 1. Promotion: the source environment's digests, never a tag.
+    let source = if opts.no_promote {
+        None
+    } else {
+        opts.promote_from
+            .clone()
+            .or_else(|| env.promote_from.clone())
+    };
+    if source.as_deref() == Some(env.name.as_str()) {
+        return ctx.refuse(
+            "deploy",
+            release,
+            exit::CONFIG,
+            format!(
+                "--promote-from {}: an environment cannot promote from itself",
+                env.name
+            ),
+        );
+    }
+    let promoted = match &source {
+        Some(src) => match promote::source_digests(inv, env, src, release, &out).await {
+            Ok(d) => {
+                out.phase(&format!("promotion: {src} ran {}", describe(&d)));
+                Some(d)
+            }
+            Err(r) => return ctx.refuse("deploy", release, r.code, r.message),
+        },
+        None => None,
+    };
+
+    // 2. Pre-pull everywhere; any failure: nothing changed.
+    out.phase(&format!("pre-pull on {} host(s)", names.len()));
+    let compose_path_text = compose_path.display().to_string();
+    let pulls = join_all(ctx.clients.iter().zip(&env.hosts).map(|(c, h)| {
+        let req = PullRequest {
+            project: env.project.clone(),
+            release: release.to_string(),
+            compose_path: compose_path_text.clone(),
+            compose_text: compose_text.clone(),
+            vars: env.vars_for(h, &opts.vars),
+            pinned: promoted.clone().unwrap_or_default(),
+        };
+        async move { c.pull(&req).await }
+    }))
+    .await;
+    let mut errors = Vec::new();
+    let mut pulled = Vec::new();
+    for (c, r) in ctx.clients.iter().zip(pulls) {
+        match r {
+            Ok(p) => {
+                out.host(&c.host, &format!("pulled {}", describe(&p.digests)));
+                pulled.push(p);
+            }
+            Err(e) => {
+                out.host(&c.host, &format!("pre-pull failed: {e}"));
+                errors.push(e);
+            }
+        }
+    }
+    if !errors.is_empty() {
+        let (code, msg) = combine(&errors);
+        return ctx.refuse(
+            "deploy",
+            release,
+            code,
+            format!("pre-pull failed, nothing was changed: {msg}"),
+        );
+    }
+    // Each host deploys exactly what it pre-pulled (or what was promoted);
+    // the same repository must have resolved to the same digest everywhere.
+    let pins: Vec<BTreeMap<String, String>> = pulled
+        .iter()
+        .map(|p| promoted.clone().unwrap_or_else(|| p.digests.clone()))
+        .collect();
+    if let Some(moved) = tag_moved(&names, &pins) {
+        return ctx.refuse(
+            "deploy",
+            release,
+            exit::REGISTRY,
+            format!("pre-pull resolved different images on different hosts ({moved}): a tag moved while pulling; nothing was changed, retry"),
+        );
+    }
+    let digests = pins.first().cloned().unwrap_or_default();
+    let before: Vec<Option<String>> = pulled.iter().map(|p| p.serving.clone()).collect();
+
+    // 3. The environment lock.
+    let purpose = format!("deploy of {release}");
+    let mut lease = match FleetLease::acquire(
+        &ctx.clients,
+        &ctx.deployment_id,
+        env.lock_ttl,
+        &purpose,
+        opts.lock_wait,
+        &out,
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(f) => {
+            return ctx.refuse(
+                "deploy",
+                release,
+                f.exit_code(),
+                format!(
+                    "cannot take the environment lock of {}: {}",
+                    env.name,
+                    f.message()
+                ),
+            );
+        }
+    };
+    lease.start_renewal(env.lock_ttl, out.clone());
+    out.phase(&format!(
+        "environment lock of {} taken (lease {:?}, renewed while this runs)",
+        env.name, env.lock_ttl
+    ));
+
+    // 4. The rollout.
+    out.hosts(&names);
+    let mut fleet = FleetRollout::new(release, names.clone(), before.clone(), &env.strategy);
+    let reason = opts.reason.clone();
+    let verdict = loop {
+        match fleet.next_action() {
+            Action::Done(v) => break v,
+            Action::Wait => {
+                // Cannot happen: every action's observations are fed below.
+                out.warn("internal: the rollout waited with nothing in flight");
+                break Verdict::Mixed {
+                    failure: None,
+                    hosts: vec!["the rollout stopped unexpectedly".into()],
+                };
+            }
+            Action::Pause(d) => {
+                out.phase(&format!("pause {d:?} before the next batch"));
+                tokio::time::sleep(d).await;
+                fleet.observe(Observation::Paused);
+            }
+            Action::Deploy(wave) => {
+                let who: Vec<&str> = wave.hosts.iter().map(|h| names[*h].as_str()).collect();
+                if wave.canary {
+                    out.phase(&format!("canary: {}", who.join(", ")));
+                } else {
+                    out.phase(&format!("batch {}: {}", wave.number, who.join(", ")));
+                }
+                let results = join_all(wave.hosts.iter().map(|&h| {
+                    let c = &ctx.clients[h];
+                    let req = DeployRequest {
+                        project: env.project.clone(),
+                        release: release.to_string(),
+                        compose_path: compose_path_text.clone(),
+                        compose_text: compose_text.clone(),
+                        vars: env.vars_for(&env.hosts[h], &opts.vars),
+                        reason: reason.clone(),
+                        deployment_id: Some(ctx.deployment_id.clone()),
+                        pinned: pins[h].clone(),
+                        observe_window_ms: env.observation.map(ms),
+                        lock_wait_ms: Some(ms(HOST_LOCK_WAIT)),
+                        ..DeployRequest::default()
+                    };
+                    let out = out.clone();
+                    async move {
+                        let r = c.deploy(&req, |ev| out.agent_event(&c.host, ev)).await;
+                        (h, r)
+                    }
+                }))
+                .await;
+                for (h, r) in results {
+                    let obs = deploy_observation(&ctx, h, r).await;
+                    fleet.observe(obs);
+                }
+            }
+            Action::Rollback(set) => {
+                let list: Vec<String> = set
+                    .iter()
+                    .map(|(h, to)| format!("{} -> {to}", names[*h]))
+                    .collect();
+                out.phase(&format!("rolling back: {}", list.join(", ")));
+                let why = fleet
+                    .failures()
+                    .first()
+                    .map(|f| format!("automatic: deploy of {release} failed on {}", f.host))
+                    .unwrap_or_else(|| format!("automatic: deploy of {release} stopped"));
+                let results = join_all(set.iter().map(|(h, to)| {
+                    let c = &ctx.clients[*h];
+                    let req = RollbackRequest {
+                        project: env.project.clone(),
+                        to: Some(to.clone()),
+                        reason: Some(why.clone()),
+                        deployment_id: Some(ctx.deployment_id.clone()),
+                        lock_wait_ms: Some(ms(HOST_LOCK_WAIT)),
+                        ..RollbackRequest::default()
+                    };
+                    let out = out.clone();
+                    let h = *h;
+                    async move {
+                        let r = c.rollback(&req, |ev| out.agent_event(&c.host, ev)).await;
+                        (h, r)
+                    }
+                }))
+                .await;
+                for (h, r) in results {
+                    let obs = rollback_observation(&ctx, h, r).await;
+                    fleet.observe(obs);
+                }
+            }
+        }
+    };
+    lease.release(&out).await;
+
+    // 5. The ending.
+    let (outcome, code, message, failure) = match &verdict {
+        Verdict::Succeeded => (
+            "succeeded",
+            exit::SUCCESS,
+            format!("every host of {} serves {release}", env.name),
+            None,
+        ),
+        Verdict::RolledBack { failure } => {
+            let code = match failure.outcome {
+                Outcome::HealthGateFailed | Outcome::Interrupted => exit::HEALTH_GATE_FAILED,
+                o => o.exit_code(),
+            };
+            let msg = format!(
+                "{}; the rollout stopped and every updated host was rolled back: {} runs what it ran before",
+                failure_text(release, failure),
+                env.name
+            );
+            ("rolled_back", code, msg, Some(failure.clone()))
+        }
+        Verdict::Mixed { failure, hosts } => {
+            let mut msg = String::new();
+            if let Some(f) = failure {
+                msg.push_str(&failure_text(release, f));
+                msg.push_str("; ");
+            }
+            msg.push_str(&format!(
+                "MIXED VERSIONS: the hosts of {} do not all run the same release: {}; \
+                 check `deploy-controller status --env {}` and roll back or redeploy",
+                env.name,
+                hosts.join("; "),
+                env.name
+            ));
+            ("mixed", exit::MIXED, msg, failure.clone())
+        }
+    };
+    if code != exit::SUCCESS {
+        out.error(&message);
+    }
+    let lines = (0..names.len())
+        .map(|h| HostLine {
+            host: names[h].clone(),
+            before: before[h].clone(),
+            after: fleet.serving(h).to_string(),
+            result: host_result(fleet.states().get(h)),
+        })
+        .collect();
+    let summary = Summary {
+        command: "deploy",
+        environment: env.name.clone(),
+        project: env.project.clone(),
+        release: release.to_string(),
+        deployment_id: ctx.deployment_id.clone(),
+        outcome: outcome.into(),
+        exit_code: code,
+        message,
+        failed_host: failure.as_ref().map(|f| f.host.clone()),
+        gate: failure.as_ref().and_then(|f| f.gate.clone()),
+        digests,
+        hosts: lines,
+        duration_ms: ms(started.elapsed()),
+    };
+    ctx.finish(&summary);
+    code
+}
+
+/// Two hosts whose pins give the same service the same repository but
+/// different digests: `"a: repo@sha256:…; b: repo@sha256:…"`.
+fn tag_moved(names: &[String], pins: &[BTreeMap<String, String>]) -> Option<String> {
+    let first = pins.first()?;
+    for (i, p) in pins.iter().enumerate().skip(1) {
+        for (svc, r) in p {
+            let Some(r0) = first.get(svc) else { continue };
+            let repo = |x: &str| x.split('@').next().map(str::to_string);
+            if r != r0 && repo(r) == repo(r0) {
+                return Some(format!(
+                    "{}: {}; {}: {}",
+                    names[0],
+                    short_digest(r0),
+                    names[i],
+                    short_digest(r)
+                ));
+            }
+        }
+    }
+    None
+}
+
+fn failure_text(release: &str, f: &Failure) -> String {
+    format!(
+        "deploy of {release} failed on host {}{}{}: {}",
+        f.host,
+        if f.canary { " (canary)" } else { "" },
+        f.gate
+            .as_ref()
+            .map(|g| format!(" at gate [{g}]"))
+            .unwrap_or_default(),
+        f.message
+    )
+}
+
+fn host_result(s: Option<&crate::fleet::HostState>) -> String {
+    use crate::fleet::HostState::*;
+    match s {
+        None | Some(Pending) => "not started".into(),
+        Some(Deploying) => "deploying".into(),
+        Some(Updated { .. }) => "updated".into(),
+        Some(Failed { .. }) => "failed its gates (rolled back by its agent)".into(),
+        Some(RollingBack { .. }) => "rolling back".into(),
+        Some(RolledBack { to }) => format!("rolled back to {to}"),
+        Some(RollbackFailed { to, .. }) => format!("rollback to {to} FAILED"),
+    }
+}
+
+/// `service=repo@sha256:0123456789ab…`, short.
+pub fn describe(d: &BTreeMap<String, String>) -> String {
+    d.iter()
+        .map(|(s, r)| format!("{s}={}", short_digest(r)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn short_digest(reference: &str) -> String {
+    match reference.split_once("@sha256:") {
+        Some((repo, hex)) => format!("{repo}@sha256:{}", hex.chars().take(12).collect::<String>()),
+        None => reference.to_string(),
+    }
+}
+
+async fn deploy_observation(
+    ctx: &Ctx<'_>,
+    h: usize,
+    r: Result<OperationResult, CallError>,
+) -> Observation {
+    match r {
+        Ok(res) if res.outcome == Outcome::Succeeded => Observation::Deployed {
+            host: h,
+            previous: res.previous,
+        },
+        Ok(res) => Observation::DeployFailed {
+            host: h,
+            outcome: res.outcome,
+            gate: res.gate,
+            message: res.message,
+            serving: Seen::from_option(res.serving),
+        },
+        Err(e) => {
+            ctx.out
+                .host_done(&ctx.clients[h].host, false, &e.to_string());
+            Observation::DeployFailed {
+                host: h,
+                outcome: e.outcome(),
+                gate: None,
+                message: e.to_string(),
+                serving: ctx.serving(h).await,
+            }
+        }
+    }
+}
+
+async fn rollback_observation(
+    ctx: &Ctx<'_>,
+    h: usize,
+    r: Result<OperationResult, CallError>,
+) -> Observation {
+    match r {
+        Ok(res) if res.outcome == Outcome::Succeeded => Observation::RolledBack { host: h },
+        Ok(res) => Observation::RollbackFailed {
+            host: h,
+            message: res.message,
+            serving: Seen::from_option(res.serving),
+        },
+        Err(e) => {
+            ctx.out
+                .host_done(&ctx.clients[h].host, false, &e.to_string());
+            Observation::RollbackFailed {
+                host: h,
+                message: e.to_string(),
+                serving: ctx.serving(h).await,
+            }
+        }
+    }
+}
+
+pub struct RollbackOptions {
+    pub env: String,
+    pub to: Option<String>,
+    pub lock_wait: Option<Duration>,
+    pub reason: Option<String>,
+}
+
+/// `deploy-controller rollback`: every host of the environment at once, to
+/// `--to R` or to the release each had before. Returns the exit code.
+pub async fn rollback(inv: &Inventory, opts: &RollbackOptions, out: Arc<Reporter>) -> i32 {
+    let started = Instant::now();
+    let env = match inv.environment(&opts.env) {
+        Ok(e) => e,
+        Err(e) => {
+            out.error(&e.to_string());
+            return exit::CONFIG;
+        }
+    };
+    let http = match http_client(&env.tls) {
+        Ok(c) => c,
+        Err(e) => {
+            out.error(&e.to_string());
+            return exit::CONFIG;
+        }
+    };
+    let target = opts.to.clone().unwrap_or_else(|| "previous".into());
+    let ctx = Ctx {
+        env,
+        clients: env
+            .hosts
+            .iter()
+            .map(|h| AgentClient::new(h, http.clone()))
+            .collect(),
+        out: out.clone(),
+        started,
+        deployment_id: new_deployment_id(&env.name, &format!("rollback-{target}")),
+    };
+    let names: Vec<String> = env.hosts.iter().map(|h| h.name.clone()).collect();
+    out.phase(&format!(
+        "rollback of {} in {} to {} on {} host(s), deployment {}",
+        env.project,
+        env.name,
+        opts.to.as_deref().unwrap_or("each host's previous release"),
+        names.len(),
+        ctx.deployment_id
+    ));
+    let purpose = format!(
+        "rollback to {}",
+        opts.to.as_deref().unwrap_or("the previous release")
+    );
+    let lease = match FleetLease::acquire(
+        &ctx.clients,
+        &ctx.deployment_id,
+        env.lock_ttl,
+        &purpose,
+        opts.lock_wait,
+        &out,
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(f) => {
+            return ctx.refuse(
+                "rollback",
+                &target,
+                f.exit_code(),
+                format!(
+                    "cannot take the environment lock of {}: {}",
+                    env.name,
+                    f.message()
+                ),
+            );
+        }
+    };
+    let mut lease = lease;
+    lease.start_renewal(env.lock_ttl, out.clone());
+    out.hosts(&names);
+    let before: Vec<Seen> = join_all((0..names.len()).map(|h| ctx.serving(h))).await;
+    let results = join_all((0..names.len()).map(|h| {
+        let c = &ctx.clients[h];
+        let out = out.clone();
+        let skip = matches!((&before[h], &opts.to), (Seen::Release(cur), Some(to)) if cur == to);
+        let req = RollbackRequest {
+            project: env.project.clone(),
+            to: opts.to.clone(),
+            reason: opts.reason.clone(),
+            deployment_id: Some(ctx.deployment_id.clone()),
+            lock_wait_ms: Some(ms(HOST_LOCK_WAIT)),
+            ..RollbackRequest::default()
+        };
+        async move {
+            if skip {
+                out.host_done(&c.host, true, "already serves it");
+                return None;
+            }
+            Some(c.rollback(&req, |ev| out.agent_event(&c.host, ev)).await)
+        }
+    }))
+    .await;
+    lease.release(&out).await;
+
+    let mut lines = Vec::new();
+    let mut failed: Vec<(usize, i32, String)> = Vec::new();
+    for (h, r) in results.into_iter().enumerate() {
+        let (after, result) = match r {
+            None => (before[h].clone(), "already there".to_string()),
+            Some(Ok(res)) if res.outcome == Outcome::Succeeded => (
+                Seen::from_option(res.serving.clone()),
+                format!("rolled back in {:.1}s", res.duration_ms as f64 / 1000.0),
+            ),
+            Some(Ok(res)) => {
+                failed.push((h, res.outcome.exit_code(), res.message.clone()));
+                (
+                    Seen::from_option(res.serving.clone()),
+                    format!("FAILED: {}", res.message),
+                )
+            }
+            Some(Err(e)) => {
+                failed.push((h, e.outcome().exit_code(), e.to_string()));
+                (ctx.serving(h).await, format!("FAILED: {e}"))
+            }
+        };
+        lines.push(HostLine {
+            host: names[h].clone(),
+            before: match &before[h] {
+                Seen::Release(r) => Some(r.clone()),
+                _ => None,
+            },
+            after: after.to_string(),
+            result,
+        });
+    }
+    let distinct: std::collections::BTreeSet<&str> =
+        lines.iter().map(|l| l.after.as_str()).collect();
+    let (outcome, code, message) = if failed.is_empty() {
+        (
+            "succeeded",
+            exit::SUCCESS,
+            format!(
+                "every host of {} rolled back ({})",
+                env.name,
+                distinct.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        )
+    } else if failed.len() == names.len() && distinct.len() == 1 {
+        let (_, code, _) = failed[0];
+        let msgs: Vec<String> = failed
+            .iter()
+            .map(|(h, _, m)| format!("{}: {m}", names[*h]))
+            .collect();
+        (
+            "refused",
+            code,
+            format!(
+                "the rollback failed on every host, nothing changed: {}",
+                msgs.join("; ")
+            ),
+        )
+    } else {
+        let msgs: Vec<String> = lines
+            .iter()
+            .map(|l| format!("{} serves {}", l.host, l.after))
+            .collect();
+        (
+            "mixed",
+            exit::MIXED,
+            format!(
+                "MIXED VERSIONS: the rollback failed on {} host(s): {}",
+                failed.len(),
+                msgs.join(", ")
+            ),
+        )
+    };
+    if code != exit::SUCCESS {
+        out.error(&message);
+    }
+    let summary = Summary {
+        command: "rollback",
+        environment: env.name.clone(),
+        project: env.project.clone(),
+        release: target,
+        deployment_id: ctx.deployment_id.clone(),
+        outcome: outcome.into(),
+        exit_code: code,
+        message,
+        failed_host: failed.first().map(|(h, _, _)| names[*h].clone()),
+        gate: None,
+        digests: BTreeMap::new(),
+        hosts: lines,
+        duration_ms: ms(started.elapsed()),
+    };
+    ctx.finish(&summary);
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deployment_ids_are_unique_and_readable() {
+        let a = new_deployment_id("production", "3f2a9c1");
+        let b = new_deployment_id("production", "3f2a9c1");
+        assert!(a.starts_with("production-3f2a9c1-"), "{a}");
+        assert_ne!(a, b);
+        assert!(!a.contains(' '));
+    }
+
+    #[test]
+    fn a_moved_tag_is_detected_per_repository() {
+        let names = vec!["a".to_string(), "b".to_string()];
+        let pin = |r: &str| BTreeMap::from([("web".to_string(), r.to_string())]);
+        assert_eq!(
+            tag_moved(&names, &[pin("r@sha256:1"), pin("r@sha256:1")]),
+            None
+        );
+        // Per-host images (another repository) are fine.
+        assert_eq!(
+            tag_moved(&names, &[pin("r@sha256:1"), pin("s@sha256:2")]),
+            None
+        );
+        let m = tag_moved(&names, &[pin("r@sha256:1"), pin("r@sha256:2")]).unwrap();
+        assert!(
+            m.contains("a: r@sha256:1") && m.contains("b: r@sha256:2"),
+            "{m}"
+        );
+        assert_eq!(tag_moved(&names, &[]), None);
+    }
+
+    #[test]
+    fn digests_are_shortened() {
+        assert_eq!(
+            short_digest("127.0.0.1:5000/demo@sha256:0123456789abcdef0123"),
+            "127.0.0.1:5000/demo@sha256:0123456789ab"
+        );
+        assert_eq!(short_digest("demo:v1"), "demo:v1");
+        let d = BTreeMap::from([("web".to_string(), "r@sha256:aaaaaaaaaaaaaaaa".to_string())]);
+        assert_eq!(describe(&d), "web=r@sha256:aaaaaaaaaaaa");
+    }
+}
