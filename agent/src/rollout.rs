@@ -57,6 +57,10 @@ pub struct Plan {
     /// Run the leaving release's `migrate.down` before the commit.
     #[serde(default)]
     pub migrate_down: bool,
+    /// The request's observation window (the controller's per-environment
+    /// setting), over the compose file's and the agent's.
+    #[serde(default)]
+    pub observe_window_ms: Option<u64>,
 }
 
 /// The hooks a rollout can run; the engine finds each in the spec.
@@ -988,6 +992,7 @@ mod tests {
             canary: vec![10, 50],
             observe: true,
             migrate_down: false,
+            observe_window_ms: None,
         }
     }
 

@@ -25,8 +25,10 @@ use crate::inventory::{Host, TlsFiles};
 
 /// How long to wait for a TCP connection and the TLS handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Limit for calls that are not operations (status, lock, pull…).
+/// Limit for calls that are not operations (status, lock…).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Limit for a pre-pull: big images over slow links take a while.
+const PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -172,10 +174,17 @@ impl AgentClient {
         path: &str,
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<T, CallError> {
-        let mut req = self
-            .http
-            .request(method, self.url(path))
-            .timeout(CALL_TIMEOUT);
+        self.call_within(method, path, body, CALL_TIMEOUT).await
+    }
+
+    async fn call_within<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+        timeout: Duration,
+    ) -> Result<T, CallError> {
+        let mut req = self.http.request(method, self.url(path)).timeout(timeout);
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -223,7 +232,8 @@ impl AgentClient {
     }
 
     pub async fn pull(&self, req: &PullRequest) -> Result<PullResult, CallError> {
-        self.call(Method::POST, "/v1/pull", Some(req)).await
+        self.call_within(Method::POST, "/v1/pull", Some(req), PULL_TIMEOUT)
+            .await
     }
 
     pub async fn lock(&self, req: &LockRequest) -> Result<LockGranted, CallError> {

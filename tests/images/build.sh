@@ -10,6 +10,8 @@
 #                              request (/ and /health included) answers 500
 #   127.0.0.1:5000/demo:crash  serves like a healthy release ("crash\n") for ~5 s, then exits 1
 #   127.0.0.1:5000/demo:noport no network service at all (a worker: sleeps)
+#   127.0.0.1:5000/demo:sick   healthy ("sick\n"), then /health answers 404 from 10 s after start
+#   127.0.0.1:5000/demo:flaky  healthy; GET /cgi-bin/flaky answers 500 on about 1 request in 5
 #   127.0.0.1:5001/demo:v1     = demo:v1, behind basic auth (deployer / s3cret)
 #   127.0.0.1:5001/private:v1  = demo:v1, behind basic auth; never pulled with
 #                              good credentials by the tests, so that a pull
@@ -26,7 +28,7 @@ AUTH_REGISTRY="${AUTH_REGISTRY:-127.0.0.1:5001}"
 AUTH_USER="${AUTH_USER:-deployer}"
 AUTH_PASSWORD="${AUTH_PASSWORD:-s3cret}"
 BUSYBOX="${BUSYBOX:-/bin/busybox}"
-IMAGES="v1 v2 v3 crash noport"
+IMAGES="v1 v2 v3 crash noport sick flaky"
 
 die() { echo "tests/images/build.sh: $*" >&2; exit 1; }
 
@@ -80,6 +82,18 @@ make_rootfs() {
         noport)
             printf 'noport\n' >"$root/etc/release"
             start=start-idle
+            ;;
+        sick)
+            printf 'sick\n' >"$root/etc/release"
+            printf 'sick\n' >"$root/www/index.html"
+            printf 'ok' >"$root/www/health"
+            start=start-sick
+            ;;
+        flaky)
+            printf 'flaky\n' >"$root/etc/release"
+            printf 'flaky\n' >"$root/www/index.html"
+            printf 'ok' >"$root/www/health"
+            install -m 0755 "$HERE/files/flaky.cgi" "$root/www/cgi-bin/flaky"
             ;;
         *) die "unknown image $name" ;;
     esac

@@ -287,6 +287,7 @@ impl Engine {
                 rollback: false,
                 run_migrations: req.run_migrations,
                 migrate_down: false,
+                observe_window_ms: req.observe_window_ms,
             },
         )?;
         let ctx = Ctx {
@@ -425,6 +426,7 @@ impl Engine {
                 rollback: true,
                 run_migrations: false,
                 migrate_down: req.migrate_down,
+                observe_window_ms: None,
             },
         )?;
         let ending = self.run(op_id, Rollout::new(plan), &ctx).await;
@@ -808,6 +810,8 @@ pub struct PlanOptions {
     pub rollback: bool,
     pub run_migrations: bool,
     pub migrate_down: bool,
+    /// Overrides the observation window (from the request).
+    pub observe_window_ms: Option<u64>,
 }
 
 impl Engine {
@@ -885,7 +889,12 @@ impl Engine {
             }
             plan.undo_hooks = hooks.pre_rollback.is_some() || hooks.post_rollback.is_some();
             plan.canary = target.rollout.canary.clone();
-            plan.observe = !self.observe_settings_for(target).window.is_zero();
+            let window = opts
+                .observe_window_ms
+                .map(std::time::Duration::from_millis)
+                .unwrap_or_else(|| self.observe_settings_for(target).window);
+            plan.observe = !window.is_zero();
+            plan.observe_window_ms = opts.observe_window_ms;
         }
         Ok(plan)
     }

@@ -21,7 +21,7 @@ fn error(e: impl std::fmt::Display) -> (FailureKind, String) {
 }
 
 impl Engine {
-    pub(crate) async fn take(&self, step: &Step, ctx: &Ctx<'_>, _r: &Rollout) -> Observation {
+    pub(crate) async fn take(&self, step: &Step, ctx: &Ctx<'_>, rollout: &Rollout) -> Observation {
         let release = &ctx.target.release;
         let say = |msg: &str| {
             emit(
@@ -57,7 +57,10 @@ impl Engine {
                 say(&format!(
                     "switching traffic: {release} replicas {new:?}, previous replicas {old:?}"
                 ));
-                self.route(ctx, service, new, old, None).await
+                // The previous release stays warm until the commit: list it
+                // as standby once the target takes all traffic.
+                self.route(ctx, service, new, old, None, old.is_empty())
+                    .await
             }
             Step::Drain { service, old } => {
                 let svc = ctx.old.and_then(|o| service_of(o, service));
@@ -86,6 +89,7 @@ impl Engine {
                     &(0..n).collect::<Vec<_>>(),
                     &(0..old_n).collect::<Vec<_>>(),
                     Some(*percent),
+                    false,
                 )
                 .await
             }
@@ -102,7 +106,11 @@ impl Engine {
                 None => Ok(()),
             },
             Step::Observe => {
-                let window = self.observe_settings(ctx).window;
+                let window = rollout
+                    .plan()
+                    .observe_window_ms
+                    .map(std::time::Duration::from_millis)
+                    .unwrap_or_else(|| self.observe_settings(ctx).window);
                 let services: Vec<&ServiceSpec> = ctx.target.services.iter().collect();
                 self.watch(ctx, &services, window, "observation window")
                     .await
@@ -116,7 +124,20 @@ impl Engine {
                             "stopping {} of {} (kept for rollback)",
                             service, old.release
                         ));
-                        self.stop_replicas(ctx.project, old, svc, &all).await
+                        // Take the standby entries out before they stop.
+                        let n = service_of(ctx.target, service)
+                            .map(|s| s.replicas)
+                            .unwrap_or(0);
+                        let unlisted = if n > 0 {
+                            self.route(ctx, service, &(0..n).collect::<Vec<_>>(), &[], None, false)
+                                .await
+                        } else {
+                            Ok(())
+                        };
+                        match unlisted {
+                            Ok(()) => self.stop_replicas(ctx.project, old, svc, &all).await,
+                            Err(e) => Err(e),
+                        }
                     }
                     _ => Ok(()),
                 }
@@ -152,7 +173,14 @@ impl Engine {
                     ctx.previous.unwrap_or("nothing")
                 ));
                 let routed = self
-                    .route(ctx, service, &[], &(0..old_n).collect::<Vec<_>>(), None)
+                    .route(
+                        ctx,
+                        service,
+                        &[],
+                        &(0..old_n).collect::<Vec<_>>(),
+                        None,
+                        false,
+                    )
                     .await;
                 if routed.is_ok()
                     && let Ok(mut r) = ctx.report.lock()
@@ -339,6 +367,7 @@ impl Engine {
         new: &[u32],
         old: &[u32],
         percent: Option<u8>,
+        standby: bool,
     ) -> StepResult {
         // Weights that give the target `percent` of requests overall.
         let (w_new, w_old) = match percent {
@@ -381,6 +410,21 @@ impl Engine {
                             .await?;
                         b.weight = w_old;
                         backends.push(b);
+                    }
+                }
+                if standby
+                    && let (Some(op), Some(old_spec), Some(o)) =
+                        (osvc.and_then(|o| target_port(o, bind)), ctx.old, osvc)
+                {
+                    for i in 0..o.replicas {
+                        // Only replicas that still run can stand by.
+                        if let Ok(mut b) = self
+                            .backend(ctx.project, &old_spec.release, service, i, op)
+                            .await
+                        {
+                            b.weight = 0;
+                            backends.push(b);
+                        }
                     }
                 }
                 let route = Route {

@@ -33,7 +33,9 @@ pub struct Backend {
     pub release: String,
     /// Container name; identifies the backend across route changes.
     pub container: String,
-    /// Relative share of traffic; 0 receives nothing. Default 1.
+    /// Relative share of traffic. Default 1. 0: standby, receiving only the
+    /// retry of a request that no weighted backend could take (the warm
+    /// previous release during the observation window).
     #[serde(default = "default_weight")]
     pub weight: u32,
 }

@@ -139,6 +139,11 @@ pub(crate) struct RouteTable {
     backends: Vec<Arc<BackendTarget>>,
     /// Running sums of the weights of `backends`.
     cumulative: Vec<u64>,
+    /// Backends with weight 0: they receive nothing, except the retry of a
+    /// request whose every weighted backend failed to take it. The engine
+    /// lists the warm previous release here during the observation window,
+    /// so a new release that crashes costs latency, not failed requests.
+    standby: Vec<Arc<BackendTarget>>,
     /// Round-robin position, shared by every request using this table.
     next: AtomicU64,
     /// Where requests that found no backend are counted (release "").
@@ -146,8 +151,8 @@ pub(crate) struct RouteTable {
 }
 
 impl RouteTable {
-    /// `backends` pairs each target with its weight; zero weights are left
-    /// out (they receive nothing).
+    /// `backends` pairs each target with its weight; zero weights are kept
+    /// aside as standby (they receive only retries that have nowhere else to go).
     pub(crate) fn new(
         mode: ProxyMode,
         backends: impl IntoIterator<Item = (Arc<BackendTarget>, u32)>,
@@ -155,9 +160,11 @@ impl RouteTable {
     ) -> Self {
         let mut targets = Vec::new();
         let mut cumulative = Vec::new();
+        let mut standby = Vec::new();
         let mut total = 0u64;
         for (target, weight) in backends {
             if weight == 0 {
+                standby.push(target);
                 continue;
             }
             total += u64::from(weight);
@@ -168,6 +175,7 @@ impl RouteTable {
             mode,
             backends: targets,
             cumulative,
+            standby,
             next: AtomicU64::new(0),
             unrouted,
         }
@@ -192,6 +200,9 @@ impl RouteTable {
                 .find(|&i| self.backends[i].addr != avoid)
             {
                 index = other;
+            } else if !self.standby.is_empty() {
+                let s = usize::try_from(slot).unwrap_or(0) % self.standby.len();
+                return Some(Lease::new(Arc::clone(&self.standby[s])));
             }
         }
         Some(Lease::new(Arc::clone(&self.backends[index])))
@@ -225,6 +236,21 @@ mod tests {
             .collect::<Option<_>>()
             .unwrap();
         assert_eq!(picks, [1, 1, 1, 3, 1, 1, 1, 3]);
+    }
+
+    #[tokio::test]
+    async fn standby_takes_only_retries_that_have_nowhere_else_to_go() {
+        let table = RouteTable::new(
+            ProxyMode::Http,
+            [(target(1), 1), (target(2), 0)],
+            Arc::default(),
+        );
+        for _ in 0..10 {
+            let first = table.pick(None).map(|l| l.target().addr.port());
+            assert_eq!(first, Some(1), "weight 0 receives no first attempts");
+        }
+        let retry = table.pick(Some(SocketAddr::from(([127, 0, 0, 1], 1))));
+        assert_eq!(retry.map(|l| l.target().addr.port()), Some(2));
     }
 
     #[tokio::test]
