@@ -3,10 +3,8 @@
 //! pre-pulled is exactly what is deployed.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::compose::{self, LoadInput};
 use crate::config::AgentConfig;
 use crate::docker::{DockerClient, PulledImage, split_reference};
 use crate::engine::{Engine, OpError};
@@ -62,21 +60,13 @@ pub async fn pull_service(
 /// every image, record them as the agent's; nothing running is touched.
 pub async fn pre_pull(engine: &Engine, req: &PullRequest) -> Result<PullResult, OpError> {
     let started = Instant::now();
-    let compose_path = absolute(Path::new(&req.compose_path));
-    let base_dir = compose_path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let display = compose_path.display().to_string();
-    let spec = compose::load(&LoadInput {
-        compose_path: &display,
-        compose_text: &req.compose_text,
-        base_dir: &base_dir,
-        project: &req.project,
-        release: &req.release,
-        vars: &req.vars,
-    })
-    .map_err(|e| OpError::new(Outcome::ConfigError, e.to_string()))?;
+    let spec = crate::engine::load_spec(
+        &req.compose_path,
+        &req.compose_text,
+        &req.project,
+        &req.release,
+        &req.vars,
+    )?;
     if let Some(unknown) = req
         .pinned
         .keys()
@@ -126,12 +116,3 @@ pub async fn pre_pull(engine: &Engine, req: &PullRequest) -> Result<PullResult, 
     })
 }
 
-fn absolute(p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|_| p.to_path_buf())
-    }
-}

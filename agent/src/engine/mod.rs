@@ -157,21 +157,13 @@ impl Engine {
         ev: &Events,
         started: Instant,
     ) -> Result<OperationResult, OpError> {
-        let compose_path = absolute(Path::new(&req.compose_path));
-        let base_dir = compose_path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let display_path = compose_path.display().to_string();
-        let mut spec = compose::load(&LoadInput {
-            compose_path: &display_path,
-            compose_text: &req.compose_text,
-            base_dir: &base_dir,
-            project: &req.project,
-            release: &req.release,
-            vars: &req.vars,
-        })
-        .map_err(|e| OpError::new(Outcome::ConfigError, e.to_string()))?;
+        let mut spec = load_spec(
+            &req.compose_path,
+            &req.compose_text,
+            &req.project,
+            &req.release,
+            &req.vars,
+        )?;
         self.require_proxy(&spec).await?;
 
         let _lock = self
@@ -971,4 +963,30 @@ fn absolute(p: &Path) -> PathBuf {
             .map(|d| d.join(p))
             .unwrap_or_else(|_| p.to_path_buf())
     }
+}
+
+/// The compose file of a request as a `ProjectSpec`: relative paths in it
+/// resolve against the file's own directory. Any problem is a config error.
+pub fn load_spec(
+    compose_path: &str,
+    compose_text: &str,
+    project: &str,
+    release: &str,
+    vars: &BTreeMap<String, String>,
+) -> Result<ProjectSpec, OpError> {
+    let compose_path = absolute(Path::new(compose_path));
+    let base_dir = compose_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let display_path = compose_path.display().to_string();
+    compose::load(&LoadInput {
+        compose_path: &display_path,
+        compose_text,
+        base_dir: &base_dir,
+        project,
+        release,
+        vars,
+    })
+    .map_err(|e| OpError::new(Outcome::ConfigError, e.to_string()))
 }
