@@ -143,7 +143,20 @@ impl DockerClient {
 
     /// Pull `image` and pin it to its digest. Nothing running is touched.
     pub async fn pull(&self, image: &str, cfg: &AgentConfig) -> Result<PulledImage, DockerError> {
-        let before = self.docker.inspect_image(image).await.ok();
+        // Every image id present before the pull: an image the agent did not
+        // bring onto this host (under any name) is never the agent's to prune.
+        let before: std::collections::HashSet<String> = self
+            .docker
+            .list_images(Some(
+                bollard::query_parameters::ListImagesOptionsBuilder::default()
+                    .all(true)
+                    .build(),
+            ))
+            .await
+            .map_err(|e| DockerError::api("list images", e))?
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
         let (repo, tag) = split_reference(image);
         let registry = registry_host(&repo);
         let creds = credentials(&registry, cfg);
@@ -173,7 +186,7 @@ impl DockerClient {
                 image: image.to_string(),
                 message: "the registry gave no digest for it".into(),
             })?;
-        let pulled_by_agent = before.and_then(|b| b.id).as_deref() != Some(image_id.as_str());
+        let pulled_by_agent = !before.contains(&image_id);
         Ok(PulledImage {
             pinned,
             image_id,

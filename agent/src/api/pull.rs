@@ -115,4 +115,3 @@ pub async fn pre_pull(engine: &Engine, req: &PullRequest) -> Result<PullResult, 
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
 }
-

@@ -254,6 +254,69 @@ impl Store {
             }),
         }
     }
+
+    // --- SSH fallback (issue 5) -------------------------------------------
+
+    /// Hands deployment `deployment_id`'s lease from identity `from` to
+    /// identity `to`, for `ttl` from `now`: the controller that took the
+    /// lease over mutual TLS (`mtls:<CN>`) lost the agent's HTTPS API and
+    /// carries on over SSH (`ssh:…`). Only a lease of that same deployment
+    /// held by `from` is handed over (expired or not, as long as nobody took
+    /// it over); `to` already holding it just extends it; otherwise this is
+    /// [`Store::acquire_lease`] (so another deployment's lease in force is
+    /// [`LeaseError::Held`]). `Ok((acquired, true))` when it was handed over.
+    #[allow(clippy::too_many_arguments)]
+    pub fn hand_over_lease(
+        &self,
+        environment: &str,
+        deployment_id: &str,
+        from: &str,
+        to: &str,
+        purpose: Option<&str>,
+        ttl: Duration,
+        now: jiff::Timestamp,
+    ) -> Result<(Acquired, bool), LeaseError> {
+        const OP: &str = "handing the environment lease over";
+        {
+            let mut conn = self.conn();
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(self.sql(OP))?;
+            let existing: Option<Lease> = tx
+                .query_row(
+                    &format!("SELECT {COLUMNS} FROM leases WHERE environment = ?1"),
+                    [environment],
+                    from_row,
+                )
+                .optional()
+                .map_err(self.sql(OP))?;
+            if let Some(mut lease) = existing.filter(|l| same_owner(l, deployment_id, from)) {
+                lease.identity = to.to_string();
+                lease.expires_at = ts(plus(now, ttl));
+                if let Some(p) = purpose {
+                    lease.purpose = Some(p.to_string());
+                }
+                tx.execute(
+                    "UPDATE leases SET identity = ?2, expires_at = ?3, purpose = ?4 WHERE environment = ?1",
+                    params![environment, lease.identity, lease.expires_at, lease.purpose],
+                )
+                .map_err(self.sql(OP))?;
+                tx.commit().map_err(self.sql(OP))?;
+                return Ok((
+                    Acquired {
+                        lease,
+                        took_over: None,
+                        extended: false,
+                    },
+                    true,
+                ));
+            }
+        }
+        self.acquire_lease(environment, deployment_id, to, purpose, ttl, now)
+            .map(|a| (a, false))
+    }
+
+    // --- end SSH fallback ---------------------------------------------------
 }
 
 #[cfg(test)]
@@ -329,6 +392,37 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, LeaseError::NotHolder { .. }), "{err}");
         assert!(err.to_string().contains("d2"), "{err}");
+    }
+
+    #[test]
+    fn a_lease_is_handed_over_from_mtls_to_ssh_only_within_its_deployment() {
+        let (_d, s) = store();
+        s.acquire_lease("prod", "d1", "mtls:ci", None, TTL, t(0))
+            .unwrap();
+        // Another deployment cannot use it to take the lease.
+        let err = s
+            .hand_over_lease("prod", "d2", "mtls:ci", "ssh:root", None, TTL, t(1))
+            .unwrap_err();
+        assert!(matches!(err, LeaseError::Held(_)), "{err}");
+        // Nor can a claim of another holder.
+        let err = s
+            .hand_over_lease("prod", "d1", "mtls:other", "ssh:root", None, TTL, t(1))
+            .unwrap_err();
+        assert!(matches!(err, LeaseError::Held(_)), "{err}");
+        let (a, handed) = s
+            .hand_over_lease("prod", "d1", "mtls:ci", "ssh:root", None, TTL, t(2))
+            .unwrap();
+        assert!(handed);
+        assert_eq!(a.lease.identity, "ssh:root");
+        assert_eq!(s.active_lease("prod", t(3)).unwrap().unwrap().identity, "ssh:root");
+        // Asking again: the new holder extends it.
+        let (a, handed) = s
+            .hand_over_lease("prod", "d1", "mtls:ci", "ssh:root", None, TTL, t(4))
+            .unwrap();
+        assert!(!handed && a.extended);
+        s.renew_lease("prod", "d1", "ssh:root", TTL, t(5)).unwrap();
+        assert!(s.release_lease("prod", "d1", "mtls:ci").is_err());
+        assert!(s.release_lease("prod", "d1", "ssh:root").unwrap().is_some());
     }
 
     #[test]
