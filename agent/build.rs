@@ -1,4 +1,5 @@
-//! Embeds the git commit the binary was built from (`--version`).
+// Embeds the git commit the binary was built from (`--version`).
+// (Also included by controller/build.rs.)
 fn main() {
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])

@@ -142,6 +142,12 @@ pub async fn run(engine: Engine, state_dir: &Path) -> anyhow::Result<()> {
         })
     };
 
+    // issue 5: on the unix socket only, a request from `deploy-agent
+    // serve-stdio` names its SSH caller (the HTTPS API never looks at it).
+    let app = app.layer(axum::middleware::from_fn_with_state(
+        engine.clone(),
+        ssh_via,
+    ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(async move {
         axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
@@ -286,3 +292,40 @@ async fn history(State(state): State<Arc<AppState>>, Query(q): Query<ProjectQuer
         Err(e) => api_error(e.into()),
     }
 }
+
+// --- SSH callers (issue 5) --------------------------------------------------
+
+/// On agent.sock: a request carrying `x-deploy-agent-via` (set by
+/// `deploy-agent serve-stdio`, run by `deploy-controller` over SSH) is
+/// recorded as that SSH caller: the Unix user comes from the kernel
+/// (SO_PEERCRED, as for every local request), the SSH details (key
+/// fingerprint, client address, controller) from the header. It leaves an
+/// `ssh.request` audit record before it is carried out.
+async fn ssh_via(
+    State(engine): State<Arc<Engine>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(value) = req.headers().get(crate::stdio::VIA_HEADER) else {
+        return next.run(req).await;
+    };
+    let caller = match crate::stdio::decode_via(value.as_bytes()) {
+        Ok(c) => c,
+        Err(m) => return api_error(OpError::new(Outcome::ConfigError, m)),
+    };
+    let unix = req
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .map(|c| c.0.who.clone())
+        .unwrap_or_else(|| "unix:unknown".into());
+    let user = unix.strip_prefix("unix:").unwrap_or(&unix).to_string();
+    let who = caller.who(&user);
+    if let Err(e) = crate::stdio::audit_ssh_request(&engine.store, &who, &caller, "daemon") {
+        return api_error(e);
+    }
+    tracing::info!(who = %who, op = %caller.op, "request over SSH (deploy-agent serve-stdio)");
+    req.extensions_mut().insert(ConnectInfo(Peer { who }));
+    next.run(req).await
+}
+
+// --- end issue 5 --------------------------------------------------------------

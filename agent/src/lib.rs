@@ -19,5 +19,6 @@ pub mod proxy;
 pub mod rollout;
 pub mod service;
 pub mod spec;
+pub mod stdio; // issue 5: `deploy-agent serve-stdio`, the SSH transport
 pub mod store;
 pub mod wire;

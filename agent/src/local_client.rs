@@ -135,3 +135,52 @@ pub async fn get_json<T: DeserializeOwned>(
         Ok(Some(Err(e)))
     }
 }
+
+// --- SSH transport (issue 5) ------------------------------------------------
+
+/// A response of the daemon, its body still unread.
+pub struct RawResponse {
+    pub status: u16,
+    pub body: hyper::body::Incoming,
+}
+
+/// Sends one request with extra headers (`serve-stdio` adds the SSH
+/// caller's); `Ok(None)` when no daemon answers on `socket`.
+pub async fn send(
+    socket: &Path,
+    method: http::Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    headers: &[(&'static str, String)],
+) -> Result<Option<RawResponse>, ClientError> {
+    let err = |message: String| ClientError::Daemon {
+        socket: socket.display().to_string(),
+        message,
+    };
+    let Some(mut sender) = connect(socket).await? else {
+        return Ok(None);
+    };
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    for (k, v) in headers {
+        req = req.header(*k, v.as_str());
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| err(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    Ok(Some(RawResponse {
+        status: resp.status().as_u16(),
+        body: resp.into_body(),
+    }))
+}
+
+// --- end issue 5 --------------------------------------------------------------

@@ -108,6 +108,9 @@ enum Cmd {
     },
     /// Check the agent configuration file and exit.
     CheckConfig,
+    /// Run one request read from stdin, answer in JSON lines on stdout
+    /// (what deploy-controller runs over SSH; see docs/ssh.md).
+    ServeStdio,
 }
 
 #[derive(Subcommand)]
@@ -186,6 +189,11 @@ fn load_config(path: Option<&Path>) -> Result<AgentConfig, i32> {
 async fn real_main(cli: Cli) -> anyhow::Result<i32> {
     let service = matches!(cli.cmd, Cmd::Proxy | Cmd::Run);
     init_logging(service);
+    // issue 5: the SSH transport reads its own config only if no daemon
+    // answers, and reports every error as a JSON line.
+    if matches!(cli.cmd, Cmd::ServeStdio) {
+        return Ok(deploy_agent::stdio::serve(&cli.state_dir, cli.config.clone(), VERSION).await);
+    }
     let config = match load_config(cli.config.as_deref()) {
         Ok(c) => c,
         Err(code) => return Ok(code),
@@ -193,6 +201,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
     let state_dir = cli.state_dir.clone();
     let sock = state_dir.join("agent.sock");
     match cli.cmd {
+        Cmd::ServeStdio => Ok(exit::CONFIG), // handled above
         Cmd::CheckConfig => {
             println!(
                 "configuration ok: instance {}, retain {}, {} registr{}",

@@ -380,6 +380,14 @@ pub struct LockRequest {
     /// What the holder is doing, for whoever is refused (e.g. `deploy of v2`).
     #[serde(default)]
     pub purpose: Option<String>,
+    /// SSH fallback (issue 5): the identity (`mtls:<CN>`) that holds this
+    /// deployment's lease and that the caller takes it over from, because
+    /// the controller lost the agent's HTTPS API mid-deployment and carries
+    /// on over SSH. Honoured only for a caller over SSH and only for the
+    /// same deployment id (see `Store::hand_over_lease`); audited as
+    /// `lock.handed_over`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hand_over_from: Option<String>,
 }
 
 /// `DELETE /v1/lock`.
@@ -426,4 +434,177 @@ pub struct ReleaseInfo {
     pub digests: BTreeMap<String, String>,
     /// It serves the project now.
     pub serving: bool,
+}
+
+// ---------------------------------------------------------------------------
+// The SSH transport (issue 5): `deploy-agent serve-stdio`, which
+// `deploy-controller` runs over SSH when a host's agent cannot be reached.
+// One request on stdin, JSON lines on stdout (each flushed as it is
+// written), the exit status that of the operation. See docs/ssh.md.
+// ---------------------------------------------------------------------------
+
+/// What `deploy-agent serve-stdio` reads: one JSON object on one line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StdioRequest {
+    pub op: StdioOp,
+    /// The op's request, as the HTTPS API takes it: a [`DeployRequest`],
+    /// [`RollbackRequest`], [`PullRequest`], [`LockRequest`],
+    /// [`UnlockRequest`], or a [`StdioQuery`] for reads; `null` for `ping`
+    /// and `lock_status`.
+    #[serde(default)]
+    pub request: serde_json::Value,
+    /// What the controller says about itself (recorded, not trusted: the
+    /// SSH login is what authenticates the caller).
+    #[serde(default)]
+    pub caller: StdioCaller,
+}
+
+/// The operations of `serve-stdio`: every call the controller makes on
+/// the HTTPS API has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StdioOp {
+    Ping,
+    Deploy,
+    Rollback,
+    Status,
+    History,
+    Pull,
+    Audit,
+    Release,
+    Lock,
+    LockStatus,
+    Renew,
+    Unlock,
+}
+
+impl StdioOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StdioOp::Ping => "ping",
+            StdioOp::Deploy => "deploy",
+            StdioOp::Rollback => "rollback",
+            StdioOp::Status => "status",
+            StdioOp::History => "history",
+            StdioOp::Pull => "pull",
+            StdioOp::Audit => "audit",
+            StdioOp::Release => "release",
+            StdioOp::Lock => "lock",
+            StdioOp::LockStatus => "lock_status",
+            StdioOp::Renew => "renew",
+            StdioOp::Unlock => "unlock",
+        }
+    }
+}
+
+/// The query of a read op (`status`, `history`, `audit`, `release`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StdioQuery {
+    #[serde(default)]
+    pub project: Option<String>,
+    #[serde(default)]
+    pub release: Option<String>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// What the controller says about itself in a `serve-stdio` request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StdioCaller {
+    /// Its identity: the CN of its client certificate, e.g. `ci-production`.
+    #[serde(default)]
+    pub controller: Option<String>,
+    /// Set when the controller accepted this host's key as new in this
+    /// session (`--accept-new-host-keys`): `<type> SHA256:<fingerprint>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_host_key: Option<String>,
+}
+
+/// Who called over SSH, as `serve-stdio` sees it from its environment
+/// (sshd's `SSH_CONNECTION`, `SSH_USER_AUTH`) plus what the controller
+/// said. `serve-stdio` hands it to the daemon in the `x-deploy-agent-via`
+/// header (base64 of this JSON), which the daemon honours on its unix
+/// socket only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshCaller {
+    /// The Unix user the command runs as (the SSH login, unless a
+    /// `command` prefix like sudo changed it; then `sudo_user` is the login).
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sudo_user: Option<String>,
+    /// `SHA256:…` of the public key the login used, from the file sshd
+    /// names in `$SSH_USER_AUTH` (`ExposeAuthInfo yes`), else `unknown`.
+    pub key_fingerprint: String,
+    /// e.g. `ssh-ed25519`, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_type: Option<String>,
+    /// The client's address (first field of `$SSH_CONNECTION`), else `unknown`.
+    pub client_ip: String,
+    /// The client's port (second field of `$SSH_CONNECTION`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_host_key: Option<String>,
+    /// The `serve-stdio` op.
+    pub op: String,
+}
+
+impl SshCaller {
+    /// The identity the engine, the audit log and the environment lease
+    /// record for this caller, with `user` the Unix user the request runs
+    /// as: `ssh:<user> key=SHA256:… from=<ip> controller=<CN>`. Stable for
+    /// one controller on one machine with one key (no port), so that a
+    /// lease taken over SSH is recognised on the next SSH call.
+    pub fn who(&self, user: &str) -> String {
+        let mut who = format!("ssh:{user}");
+        if let Some(s) = &self.sudo_user {
+            who.push_str(&format!(" sudo_user={s}"));
+        }
+        who.push_str(&format!(
+            " key={} from={}",
+            self.key_fingerprint, self.client_ip
+        ));
+        if let Some(c) = &self.controller {
+            who.push_str(&format!(" controller={c}"));
+        }
+        who
+    }
+}
+
+/// One line of `serve-stdio`'s output. Progress and result lines are the
+/// same JSON as [`Event`]'s (`"type": "progress" | "result"`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StdioLine {
+    /// First line: who does the work and for whom.
+    Hello(StdioHello),
+    Progress(Progress),
+    Result(OperationResult),
+    /// The answer of a non-streaming op (the HTTPS API's JSON body).
+    Answer {
+        status: u16,
+        body: serde_json::Value,
+    },
+    /// A refusal or failure, with the HTTP status the HTTPS API would have
+    /// answered (403, 409, 404, …).
+    Error {
+        status: u16,
+        error: ApiError,
+    },
+}
+
+/// The first line of `serve-stdio`'s output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StdioHello {
+    /// `daemon` (handed to `deploy-agent run` over agent.sock) or
+    /// `in_process` (no daemon answered: this process does the work under
+    /// the host lock).
+    pub served_by: String,
+    /// The identity recorded for the caller (see [`SshCaller::who`]).
+    pub who: String,
+    pub host: String,
+    /// `deploy-agent --version`.
+    pub version: String,
 }

@@ -7,24 +7,41 @@
 //! TLS handshake refused — the SSH fallback will apply there), the agent
 //! answered with a refusal ([`CallError::Api`]: denied, locked, config…),
 //! or the answer made no sense ([`CallError::Protocol`]).
+//!
+//! **The SSH fallback (issue 5).** With `--transport auto` (the default), a
+//! host whose inventory entry has SSH details is reached over SSH
+//! (`deploy-agent serve-stdio`, see [`crate::ssh`]) when, and only when,
+//! its agent could not be reached *before it saw the request*: the
+//! connection was refused, did not open within `connect_timeout`, or the
+//! TLS handshake failed (an expired or wrong certificate). An agent that
+//! answered — 403, 409 locked, any 4xx/5xx, a policy refusal — is never
+//! routed around: its answer is the result. Once a host has fallen back it
+//! stays on SSH for the rest of the run (said once, loudly). If the lease
+//! was taken over mutual TLS before the agent became unreachable, it is
+//! handed over to the SSH identity first (`hand_over_from`).
+//! `--transport agent` never uses SSH; `--transport ssh` uses nothing else.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deploy_agent::store::AuditRecord;
 use deploy_agent::wire::{
     ApiError, DeployRequest, Event, HistoryEntry, Lease, LockGranted, LockRequest, OperationResult,
-    Outcome, PullRequest, PullResult, ReleaseInfo, RollbackRequest, StatusReport, UnlockRequest,
+    Outcome, PullRequest, PullResult, ReleaseInfo, RollbackRequest, StatusReport, StdioCaller,
+    StdioLine, StdioOp, StdioQuery, StdioRequest, UnlockRequest,
 };
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::inventory::{Host, TlsFiles};
+use crate::inventory::{Environment, Host, SshSettings, TlsFiles};
+use crate::ssh::{self, Session};
 
-/// How long to wait for a TCP connection and the TLS handshake.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for a TCP connection and the TLS handshake (the
+/// inventory's `connect_timeout` sets it per environment).
+const CONNECT_TIMEOUT: Duration = crate::inventory::DEFAULT_CONNECT_TIMEOUT;
 /// Limit for calls that are not operations (status, lock…).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Limit for a pre-pull: big images over slow links take a while.
@@ -61,6 +78,21 @@ pub enum CallError {
         host: String,
         addr: String,
         message: String,
+        /// The request never reached the agent's HTTP layer (connection
+        /// refused, connect timeout, TLS handshake refused): the only case
+        /// where the SSH fallback applies.
+        undelivered: bool,
+    },
+    /// The host could not be reached over SSH either (or `--transport ssh`
+    /// failed): host key refused, authentication, connection, or
+    /// `deploy-agent serve-stdio` failing on the host.
+    #[error("host {host}: {}over SSH ({target}): {message}", agent.as_ref().map(|a| format!("its agent is unreachable ({a}), and ")).unwrap_or_default())]
+    Ssh {
+        host: String,
+        target: String,
+        message: String,
+        /// Why the agent's HTTPS API was not used, when it was tried first.
+        agent: Option<String>,
     },
     #[error("host {host}: {}", error.message)]
     Api {
@@ -76,7 +108,9 @@ impl CallError {
     /// The outcome class, for exit codes.
     pub fn outcome(&self) -> Outcome {
         match self {
-            CallError::Unreachable { .. } | CallError::Protocol { .. } => Outcome::EnvironmentError,
+            CallError::Unreachable { .. } | CallError::Protocol { .. } | CallError::Ssh { .. } => {
+                Outcome::EnvironmentError
+            }
             CallError::Api { error, .. } => error.outcome,
         }
     }
@@ -85,13 +119,45 @@ impl CallError {
         match self {
             CallError::Unreachable { host, .. }
             | CallError::Api { host, .. }
-            | CallError::Protocol { host, .. } => host,
+            | CallError::Protocol { host, .. }
+            | CallError::Ssh { host, .. } => host,
         }
     }
+
+    /// Whether the SSH fallback may take over: the agent never saw the request.
+    pub fn undelivered(&self) -> bool {
+        matches!(
+            self,
+            CallError::Unreachable {
+                undelivered: true,
+                ..
+            }
+        )
+    }
+}
+
+/// Whether a reqwest error means the request never reached the agent's
+/// HTTP layer: the TCP connection was refused or timed out, or the TLS
+/// handshake failed on either side (an expired, unknown or wrong
+/// certificate: the agent's rustls refuses it before any HTTP is read).
+fn undelivered(e: &reqwest::Error) -> bool {
+    if e.is_connect() {
+        return true;
+    }
+    let chain = error_chain(e);
+    chain.contains("received fatal alert") || chain.contains("invalid peer certificate")
 }
 
 /// A reqwest client with the environment's client certificate and CA.
 pub fn http_client(tls: &TlsFiles) -> Result<reqwest::Client, TlsError> {
+    http_client_with(tls, CONNECT_TIMEOUT)
+}
+
+/// [`http_client`] with a connect timeout (TCP and TLS handshake).
+pub fn http_client_with(
+    tls: &TlsFiles,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, TlsError> {
     let read = |what, key, p: &Path| {
         std::fs::read(p).map_err(|source| TlsError::Read {
             what,
@@ -120,7 +186,7 @@ pub fn http_client(tls: &TlsFiles) -> Result<reqwest::Client, TlsError> {
         .tls_certs_only([ca])
         .identity(identity)
         .https_only(true)
-        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_timeout(connect_timeout)
         .tcp_keepalive(Duration::from_secs(15))
         .http2_keep_alive_interval(Duration::from_secs(15))
         .http2_keep_alive_while_idle(true)
@@ -132,20 +198,35 @@ pub fn http_client(tls: &TlsFiles) -> Result<reqwest::Client, TlsError> {
         })
 }
 
-/// One agent.
-#[derive(Clone, Debug)]
+/// One agent: over its HTTPS API, or over SSH (see the module's doc).
+#[derive(Clone)]
 pub struct AgentClient {
     pub host: String,
     pub addr: String,
     http: reqwest::Client,
+    /// Shared by the clones of this client (the lease renewer's, the
+    /// rollout's): the route and the SSH session are per host.
+    route: Arc<Route>,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("host", &self.host)
+            .field("addr", &self.addr)
+            .field("transport", &self.route.transport)
+            .finish()
+    }
 }
 
 impl AgentClient {
+    /// A client of the HTTPS API only (no SSH fallback).
     pub fn new(host: &Host, http: reqwest::Client) -> AgentClient {
         AgentClient {
             host: host.name.clone(),
             addr: host.agent.clone(),
             http,
+            route: Arc::new(Route::agent_only()),
         }
     }
 
@@ -153,11 +234,23 @@ impl AgentClient {
         format!("https://{}{path_and_query}", self.addr)
     }
 
+    /// A transport error while sending (it may not have been delivered).
     fn transport(&self, e: &reqwest::Error) -> CallError {
         CallError::Unreachable {
             host: self.host.clone(),
             addr: self.addr.clone(),
             message: error_chain(e),
+            undelivered: undelivered(e),
+        }
+    }
+
+    /// A transport error after the agent answered (never a fallback).
+    fn broken(&self, e: &reqwest::Error) -> CallError {
+        CallError::Unreachable {
+            host: self.host.clone(),
+            addr: self.addr.clone(),
+            message: error_chain(e),
+            undelivered: false,
         }
     }
 
@@ -190,7 +283,7 @@ impl AgentClient {
         }
         let resp = req.send().await.map_err(|e| self.transport(&e))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| self.transport(&e))?;
+        let bytes = resp.bytes().await.map_err(|e| self.broken(&e))?;
         if status.is_success() {
             serde_json::from_slice(&bytes).map_err(|e| {
                 self.protocol(format!(
@@ -214,7 +307,7 @@ impl AgentClient {
         }
     }
 
-    pub async fn ping(&self) -> Result<(), CallError> {
+    async fn ping_agent(&self) -> Result<serde_json::Value, CallError> {
         let resp = self
             .http
             .get(self.url("/v1/ping"))
@@ -223,46 +316,81 @@ impl AgentClient {
             .await
             .map_err(|e| self.transport(&e))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| self.transport(&e))?;
+        let bytes = resp.bytes().await.map_err(|e| self.broken(&e))?;
         if status.is_success() {
-            Ok(())
+            Ok(serde_json::Value::String("ok".into()))
         } else {
             Err(self.api_error(status, &bytes, "/v1/ping"))
         }
     }
 
+    pub async fn ping(&self) -> Result<(), CallError> {
+        self.routed(StdioOp::Ping, serde_json::Value::Null, CALL_TIMEOUT, || {
+            self.ping_agent()
+        })
+        .await
+        .map(|_| ())
+    }
+
     pub async fn pull(&self, req: &PullRequest) -> Result<PullResult, CallError> {
-        self.call_within(Method::POST, "/v1/pull", Some(req), PULL_TIMEOUT)
-            .await
+        self.routed(StdioOp::Pull, to_value(req), PULL_TIMEOUT, || {
+            self.call_within(Method::POST, "/v1/pull", Some(req), PULL_TIMEOUT)
+        })
+        .await
     }
 
     pub async fn lock(&self, req: &LockRequest) -> Result<LockGranted, CallError> {
-        self.call(Method::POST, "/v1/lock", Some(req)).await
+        let (granted, via) = self
+            .routed_via(StdioOp::Lock, to_value(req), CALL_TIMEOUT, || {
+                self.call(Method::POST, "/v1/lock", Some(req))
+            })
+            .await?;
+        if via == Via::Agent {
+            self.route.held_over_mtls(req);
+        }
+        Ok(granted)
     }
 
     pub async fn renew(&self, req: &LockRequest) -> Result<Lease, CallError> {
-        self.call(Method::POST, "/v1/lock/renew", Some(req)).await
+        self.routed(StdioOp::Renew, to_value(req), CALL_TIMEOUT, || {
+            self.call(Method::POST, "/v1/lock/renew", Some(req))
+        })
+        .await
     }
 
     pub async fn unlock(&self, req: &UnlockRequest) -> Result<Option<Lease>, CallError> {
-        self.call(Method::DELETE, "/v1/lock", Some(req)).await
+        let r = self
+            .routed(StdioOp::Unlock, to_value(req), CALL_TIMEOUT, || {
+                self.call(Method::DELETE, "/v1/lock", Some(req))
+            })
+            .await;
+        if r.is_ok() {
+            self.route.released();
+        }
+        r
     }
 
     pub async fn status(&self, project: &str) -> Result<StatusReport, CallError> {
-        self.call(
-            Method::GET,
-            &format!("/v1/status?project={}", encode(project)),
-            None::<&()>,
-        )
+        let q = StdioQuery {
+            project: Some(project.to_string()),
+            ..StdioQuery::default()
+        };
+        let path = format!("/v1/status?project={}", encode(project));
+        self.routed(StdioOp::Status, to_value(&q), CALL_TIMEOUT, || {
+            self.call(Method::GET, &path, None::<&()>)
+        })
         .await
     }
 
     pub async fn history(&self, project: &str) -> Result<Vec<HistoryEntry>, CallError> {
-        self.call(
-            Method::GET,
-            &format!("/v1/history?project={}", encode(project)),
-            None::<&()>,
-        )
+        let q = StdioQuery {
+            project: Some(project.to_string()),
+            ..StdioQuery::default()
+        };
+        let path = format!("/v1/history?project={}", encode(project));
+        self.routed(StdioOp::History, to_value(&q), CALL_TIMEOUT, || {
+            self.call(Method::GET, &path, None::<&()>)
+        })
         .await
     }
 
@@ -275,7 +403,15 @@ impl AgentClient {
         if let Some(p) = project {
             path.push_str(&format!("&project={}", encode(p)));
         }
-        self.call(Method::GET, &path, None::<&()>).await
+        let q = StdioQuery {
+            project: project.map(str::to_string),
+            limit: Some(limit),
+            ..StdioQuery::default()
+        };
+        self.routed(StdioOp::Audit, to_value(&q), CALL_TIMEOUT, || {
+            self.call(Method::GET, &path, None::<&()>)
+        })
+        .await
     }
 
     /// The release record; `Ok(None)` when this host never ran it.
@@ -289,7 +425,17 @@ impl AgentClient {
             encode(project),
             encode(release)
         );
-        match self.call(Method::GET, &path, None::<&()>).await {
+        let q = StdioQuery {
+            project: Some(project.to_string()),
+            release: Some(release.to_string()),
+            ..StdioQuery::default()
+        };
+        match self
+            .routed(StdioOp::Release, to_value(&q), CALL_TIMEOUT, || {
+                self.call(Method::GET, &path, None::<&()>)
+            })
+            .await
+        {
             Ok(r) => Ok(Some(r)),
             Err(CallError::Api { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
@@ -301,7 +447,8 @@ impl AgentClient {
         req: &DeployRequest,
         on_event: impl FnMut(&Event),
     ) -> Result<OperationResult, CallError> {
-        self.operation("/v1/deploy", req, on_event).await
+        self.routed_operation(StdioOp::Deploy, "/v1/deploy", req, on_event)
+            .await
     }
 
     pub async fn rollback(
@@ -309,7 +456,8 @@ impl AgentClient {
         req: &RollbackRequest,
         on_event: impl FnMut(&Event),
     ) -> Result<OperationResult, CallError> {
-        self.operation("/v1/rollback", req, on_event).await
+        self.routed_operation(StdioOp::Rollback, "/v1/rollback", req, on_event)
+            .await
     }
 
     /// POST an operation and read its streamed events to the result. No
@@ -330,14 +478,14 @@ impl AgentClient {
             .map_err(|e| self.transport(&e))?;
         let status = resp.status();
         if !status.is_success() {
-            let bytes = resp.bytes().await.map_err(|e| self.transport(&e))?;
+            let bytes = resp.bytes().await.map_err(|e| self.broken(&e))?;
             return Err(self.api_error(status, &bytes, path));
         }
         let mut stream = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
         let mut result = None;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.transport(&e))?;
+            let chunk = chunk.map_err(|e| self.broken(&e))?;
             buf.extend_from_slice(&chunk);
             while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
@@ -360,6 +508,554 @@ impl AgentClient {
         })
     }
 }
+
+// --- The SSH fallback (issue 5) ---------------------------------------------
+
+/// `--transport`: how the controller reaches the agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// The HTTPS API; SSH only for a host whose agent cannot be reached
+    /// (refused, timeout, TLS handshake failure) and that has SSH details.
+    #[default]
+    Auto,
+    /// The HTTPS API only.
+    Agent,
+    /// SSH only (every host needs SSH details).
+    Ssh,
+}
+
+/// The transport flags of a command.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TransportOptions {
+    pub transport: Transport,
+    /// Accept (and record in known_hosts) the key of a host that is not
+    /// there yet. Never a changed key. Said loudly and audited on the host.
+    pub accept_new_host_keys: bool,
+}
+
+/// Where the controller's warnings about a host's route go.
+pub type Notice = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Which way a call went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Agent,
+    Ssh,
+}
+
+/// Per-host routing state, shared by the clones of one [`AgentClient`].
+struct Route {
+    transport: Transport,
+    ssh: Option<SshSettings>,
+    accept_new: bool,
+    connect_timeout: Duration,
+    /// This controller's identity (its certificate's CN), told to the
+    /// agent over SSH and used to hand the lease over.
+    identity: Option<String>,
+    notice: Option<Notice>,
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    state: Mutex<RouteState>,
+}
+
+#[derive(Default)]
+struct RouteState {
+    /// Why this host is on SSH (sticky for the rest of the run).
+    on_ssh: Option<String>,
+    /// The lease this run took over mutual TLS (to hand over if the host
+    /// falls back to SSH).
+    held: Option<LockRequest>,
+    pending_handover: Option<LockRequest>,
+    /// A host key accepted as new in this run, not yet told to the agent.
+    accepted_host_key: Option<String>,
+    /// What the last answer over SSH said about the host: `daemon` or
+    /// `in_process`.
+    served_by: Option<String>,
+}
+
+impl Route {
+    fn agent_only() -> Route {
+        Route {
+            transport: Transport::Agent,
+            ssh: None,
+            accept_new: false,
+            connect_timeout: CONNECT_TIMEOUT,
+            identity: None,
+            notice: None,
+            session: tokio::sync::Mutex::new(None),
+            state: Mutex::new(RouteState::default()),
+        }
+    }
+
+    fn with_state<T>(&self, f: impl FnOnce(&mut RouteState) -> T) -> T {
+        match self.state.lock() {
+            Ok(mut s) => f(&mut s),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    fn notice(&self, msg: &str) {
+        match &self.notice {
+            Some(n) => n(msg),
+            None => eprintln!("warning: {msg}"),
+        }
+    }
+
+    fn held_over_mtls(&self, req: &LockRequest) {
+        self.with_state(|s| s.held = Some(req.clone()));
+    }
+
+    fn released(&self) {
+        self.with_state(|s| {
+            s.held = None;
+            s.pending_handover = None;
+        });
+    }
+}
+
+/// How a host was reached, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteReport {
+    /// `agent` or `ssh`.
+    pub transport: &'static str,
+    /// Why SSH was used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Over SSH: `daemon` (the host's daemon did the work; only its HTTPS
+    /// API was unreachable) or `in_process` (no daemon answered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_by: Option<String>,
+}
+
+/// The identity an agent records for this client certificate: its CN,
+/// else its first DNS name (as the agent computes it).
+pub fn certificate_identity(cert: &Path) -> Option<String> {
+    let pem = std::fs::read(cert).ok()?;
+    let (_, block) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+    deploy_agent::api::authz::certificate_identity(&block.contents)
+}
+
+/// The clients of `env`'s hosts, with the certificate `tls` and the
+/// transport `opts`. Checks that `--transport ssh` has SSH details for
+/// every host.
+pub fn clients(
+    env: &Environment,
+    tls: &TlsFiles,
+    opts: &TransportOptions,
+    notice: Notice,
+) -> Result<Vec<AgentClient>, String> {
+    if opts.transport == Transport::Ssh {
+        let missing: Vec<&str> = env
+            .hosts
+            .iter()
+            .filter(|h| h.ssh.is_none())
+            .map(|h| h.name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "--transport ssh: host(s) {} of environment {} have no SSH details; add an `ssh` table \
+                 (user, key or key_env, known_hosts) to them or to the environment",
+                missing.join(", "),
+                env.name
+            ));
+        }
+    }
+    let http = http_client_with(tls, env.connect_timeout).map_err(|e| e.to_string())?;
+    let identity = certificate_identity(&tls.cert);
+    Ok(env
+        .hosts
+        .iter()
+        .map(|h| AgentClient {
+            host: h.name.clone(),
+            addr: h.agent.clone(),
+            http: http.clone(),
+            route: Arc::new(Route {
+                transport: opts.transport,
+                ssh: h.ssh.clone(),
+                accept_new: opts.accept_new_host_keys,
+                connect_timeout: env.connect_timeout,
+                identity: identity.clone(),
+                notice: Some(notice.clone()),
+                session: tokio::sync::Mutex::new(None),
+                state: Mutex::new(RouteState::default()),
+            }),
+        })
+        .collect())
+}
+
+fn to_value<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+impl AgentClient {
+    /// How this host was reached so far.
+    pub fn route_report(&self) -> RouteReport {
+        let (on_ssh, served_by) = self
+            .route
+            .with_state(|s| (s.on_ssh.clone(), s.served_by.clone()));
+        match (self.route.transport, on_ssh) {
+            (Transport::Ssh, _) => RouteReport {
+                transport: "ssh",
+                reason: Some("--transport ssh".into()),
+                served_by,
+            },
+            (_, Some(reason)) => RouteReport {
+                transport: "ssh",
+                reason: Some(reason),
+                served_by,
+            },
+            _ => RouteReport {
+                transport: "agent",
+                reason: None,
+                served_by: None,
+            },
+        }
+    }
+
+    /// Whether the next call goes over SSH without trying the agent.
+    fn ssh_now(&self) -> bool {
+        match self.route.transport {
+            Transport::Ssh => true,
+            Transport::Agent => false,
+            Transport::Auto => self.route.with_state(|s| s.on_ssh.is_some()),
+        }
+    }
+
+    /// After a failed call to the agent: whether to carry on over SSH.
+    fn fall_back(&self, e: &CallError) -> bool {
+        if self.route.transport != Transport::Auto || !e.undelivered() {
+            return false;
+        }
+        let Some(ssh) = &self.route.ssh else {
+            return false;
+        };
+        let reason = match e {
+            CallError::Unreachable { message, .. } => message.clone(),
+            other => other.to_string(),
+        };
+        let first = self.route.with_state(|s| {
+            let first = s.on_ssh.is_none();
+            s.on_ssh = Some(reason.clone());
+            // A lease taken over mutual TLS moves to the SSH identity.
+            if first && let Some(held) = s.held.take() {
+                s.pending_handover = Some(held);
+            }
+            first
+        });
+        if first {
+            self.route.notice(&format!(
+                "host {}: its agent cannot be reached at https://{} ({reason}); falling back to SSH ({}) for this host",
+                self.host,
+                self.addr,
+                ssh.target()
+            ));
+        }
+        true
+    }
+
+    fn ssh_error(&self, message: String, agent: Option<&CallError>) -> CallError {
+        CallError::Ssh {
+            host: self.host.clone(),
+            target: self
+                .route
+                .ssh
+                .as_ref()
+                .map(|s| s.target())
+                .unwrap_or_else(|| "no ssh table".into()),
+            message,
+            agent: agent.map(|e| match e {
+                CallError::Unreachable { message, .. } => message.clone(),
+                other => other.to_string(),
+            }),
+        }
+    }
+
+    async fn routed<T, F, Fut>(
+        &self,
+        op: StdioOp,
+        request: serde_json::Value,
+        timeout: Duration,
+        agent: F,
+    ) -> Result<T, CallError>
+    where
+        T: DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, CallError>>,
+    {
+        self.routed_via(op, request, timeout, agent)
+            .await
+            .map(|(v, _)| v)
+    }
+
+    async fn routed_via<T, F, Fut>(
+        &self,
+        op: StdioOp,
+        request: serde_json::Value,
+        timeout: Duration,
+        agent: F,
+    ) -> Result<(T, Via), CallError>
+    where
+        T: DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, CallError>>,
+    {
+        if self.ssh_now() {
+            return self
+                .ssh_call(op, request, timeout, None)
+                .await
+                .map(|v| (v, Via::Ssh));
+        }
+        match agent().await {
+            Ok(v) => Ok((v, Via::Agent)),
+            Err(e) if self.fall_back(&e) => self
+                .ssh_call(op, request, timeout, Some(&e))
+                .await
+                .map(|v| (v, Via::Ssh)),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn routed_operation(
+        &self,
+        op: StdioOp,
+        path: &str,
+        req: &impl Serialize,
+        mut on_event: impl FnMut(&Event),
+    ) -> Result<OperationResult, CallError> {
+        if self.ssh_now() {
+            return self
+                .ssh_operation(op, to_value(req), &mut on_event, None)
+                .await;
+        }
+        match self.operation(path, req, &mut on_event).await {
+            Err(e) if self.fall_back(&e) => {
+                self.ssh_operation(op, to_value(req), &mut on_event, Some(&e))
+                    .await
+            }
+            r => r,
+        }
+    }
+
+    /// The host's SSH session, connected on first use (and again if it
+    /// dropped).
+    async fn session(&self, agent: Option<&CallError>) -> Result<Arc<Session>, CallError> {
+        let Some(settings) = &self.route.ssh else {
+            return Err(self.ssh_error(
+                "this host has no SSH details in the inventory".into(),
+                agent,
+            ));
+        };
+        let mut slot = self.route.session.lock().await;
+        if let Some(s) = slot.as_ref()
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        let session = Session::connect(
+            &self.host,
+            settings,
+            self.route.accept_new,
+            self.route.connect_timeout,
+        )
+        .await
+        .map_err(|e| self.ssh_error(e.to_string(), agent))?;
+        if let Some(k) = &session.accepted_host_key {
+            self.route.notice(&format!(
+                "host {}: ACCEPTED A NEW SSH HOST KEY {k} for {} and added it to {} (--accept-new-host-keys); \
+                 the host's audit log records it",
+                self.host,
+                session.target(),
+                settings.known_hosts.display()
+            ));
+            let k = k.clone();
+            self.route.with_state(|s| s.accepted_host_key = Some(k));
+        }
+        let session = Arc::new(session);
+        *slot = Some(session.clone());
+        Ok(session)
+    }
+
+    /// Runs one `serve-stdio` request; lines go to `on_line`.
+    async fn stdio(
+        &self,
+        op: StdioOp,
+        request: serde_json::Value,
+        agent: Option<&CallError>,
+        mut on_line: impl FnMut(StdioLine),
+    ) -> Result<ssh::StdioOutcome, CallError> {
+        let session = self.session(agent).await?;
+        let Some(settings) = &self.route.ssh else {
+            return Err(self.ssh_error("this host has no SSH details".into(), agent));
+        };
+        // A lease taken over mutual TLS is handed to the SSH identity first.
+        let handover = self.route.with_state(|s| s.pending_handover.take());
+        if let Some(mut held) = handover {
+            held.hand_over_from = self.route.identity.as_ref().map(|i| format!("mtls:{i}"));
+            let req = StdioRequest {
+                op: StdioOp::Lock,
+                request: to_value(&held),
+                caller: self.caller(),
+            };
+            let mut refused = None;
+            let r = ssh::serve_stdio(&session, settings, &req, |l| {
+                if let StdioLine::Error { error, .. } = l {
+                    refused = Some(error.message);
+                }
+            })
+            .await;
+            match (r, refused) {
+                (Ok(_), None) => self.route.notice(&format!(
+                    "host {}: the environment lock of deployment {} moved to this controller's SSH identity",
+                    self.host, held.deployment_id
+                )),
+                (Ok(_), Some(m)) => self.route.notice(&format!(
+                    "host {}: could not move the environment lock to the SSH identity: {m}",
+                    self.host
+                )),
+                (Err(e), _) => self.route.notice(&format!(
+                    "host {}: could not move the environment lock to the SSH identity: {e}",
+                    self.host
+                )),
+            }
+        }
+        let req = StdioRequest {
+            op,
+            request,
+            caller: self.caller(),
+        };
+        let served_by = &mut None;
+        let outcome = ssh::serve_stdio(&session, settings, &req, |line| {
+            if let StdioLine::Hello(h) = &line {
+                *served_by = Some(h.served_by.clone());
+            }
+            on_line(line)
+        })
+        .await
+        .map_err(|e| self.ssh_error(e.to_string(), agent))?;
+        if let Some(by) = served_by.take() {
+            let changed = self.route.with_state(|s| {
+                let changed = s.served_by.as_deref() != Some(by.as_str());
+                s.served_by = Some(by.clone());
+                changed
+            });
+            if changed && by == "in_process" {
+                self.route.notice(&format!(
+                    "host {}: no deploy-agent daemon answers there; `deploy-agent serve-stdio` does the work itself, under the host lock",
+                    self.host
+                ));
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// What the controller tells the agent about itself.
+    fn caller(&self) -> StdioCaller {
+        StdioCaller {
+            controller: self.route.identity.clone(),
+            accepted_host_key: self.route.with_state(|s| s.accepted_host_key.take()),
+        }
+    }
+
+    fn no_answer(
+        &self,
+        op: StdioOp,
+        o: &ssh::StdioOutcome,
+        agent: Option<&CallError>,
+    ) -> CallError {
+        let mut msg = format!(
+            "`deploy-agent serve-stdio` ({}) ended with {} and no answer",
+            op.as_str(),
+            o.exec.describe()
+        );
+        if !o.exec.stderr.is_empty() {
+            msg.push_str(&format!(": {}", snippet(o.exec.stderr.as_bytes())));
+        }
+        if !o.stray.is_empty() {
+            msg.push_str(&format!(
+                " (it printed: {})",
+                snippet(o.stray.join(" | ").as_bytes())
+            ));
+        }
+        if o.exec.exit_status == Some(127) {
+            msg.push_str(
+                "; is deploy-agent installed there? Check `command` in the inventory's ssh table",
+            );
+        }
+        self.ssh_error(msg, agent)
+    }
+
+    async fn ssh_call<T: DeserializeOwned>(
+        &self,
+        op: StdioOp,
+        request: serde_json::Value,
+        timeout: Duration,
+        agent: Option<&CallError>,
+    ) -> Result<T, CallError> {
+        let mut answer = None;
+        let mut error = None;
+        let run = self.stdio(op, request, agent, |line| match line {
+            StdioLine::Answer { body, .. } => answer = Some(body),
+            StdioLine::Error { status, error: e } => error = Some((status, e)),
+            _ => {}
+        });
+        let outcome = tokio::time::timeout(timeout, run).await.map_err(|_| {
+            self.ssh_error(
+                format!(
+                    "`deploy-agent serve-stdio` ({}) did not answer within {timeout:?}",
+                    op.as_str()
+                ),
+                agent,
+            )
+        })??;
+        match (answer, error) {
+            (Some(body), _) => serde_json::from_value(body).map_err(|e| {
+                self.protocol(format!(
+                    "serve-stdio {} answered something unexpected: {e}",
+                    op.as_str()
+                ))
+            }),
+            (None, Some((status, error))) => Err(CallError::Api {
+                host: self.host.clone(),
+                status,
+                error,
+            }),
+            (None, None) => Err(self.no_answer(op, &outcome, agent)),
+        }
+    }
+
+    async fn ssh_operation(
+        &self,
+        op: StdioOp,
+        request: serde_json::Value,
+        on_event: &mut impl FnMut(&Event),
+        agent: Option<&CallError>,
+    ) -> Result<OperationResult, CallError> {
+        let mut result = None;
+        let mut error = None;
+        let outcome = self
+            .stdio(op, request, agent, |line| match line {
+                StdioLine::Progress(p) => on_event(&Event::Progress(p)),
+                StdioLine::Result(r) => {
+                    on_event(&Event::Result(r.clone()));
+                    result = Some(r);
+                }
+                StdioLine::Error { status, error: e } => error = Some((status, e)),
+                _ => {}
+            })
+            .await?;
+        match (result, error) {
+            (Some(r), _) => Ok(r),
+            (None, Some((status, error))) => Err(CallError::Api {
+                host: self.host.clone(),
+                status,
+                error,
+            }),
+            (None, None) => Err(self.no_answer(op, &outcome, agent)),
+        }
+    }
+}
+
+// --- end SSH fallback ---------------------------------------------------------
 
 /// Percent-encodes a query value.
 fn encode(s: &str) -> String {

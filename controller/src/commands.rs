@@ -8,25 +8,26 @@ use deploy_agent::wire::{HistoryEntry, Outcome, ProjectStatus};
 use futures_util::future::join_all;
 use serde::Serialize;
 
-use crate::client::{AgentClient, CallError, http_client};
+use crate::client::{self, AgentClient, CallError, Notice, RouteReport, TransportOptions};
 use crate::deploy::short_digest;
 use crate::exit;
 use crate::inventory::{Environment, Inventory};
 
-fn setup(inv: &Inventory, env: &str) -> Result<(Environment, Vec<AgentClient>), i32> {
+fn setup(
+    inv: &Inventory,
+    env: &str,
+    transport: &TransportOptions,
+) -> Result<(Environment, Vec<AgentClient>), i32> {
     let env = inv.environment(env).map_err(|e| {
         eprintln!("error: {e}");
         exit::CONFIG
     })?;
-    let http = http_client(&env.tls).map_err(|e| {
+    // issue 5: a host reached over SSH is said so on stderr.
+    let notice: Notice = std::sync::Arc::new(|m: &str| eprintln!("warning: {m}"));
+    let clients = client::clients(env, &env.tls, transport, notice).map_err(|e| {
         eprintln!("error: {e}");
         exit::CONFIG
     })?;
-    let clients = env
-        .hosts
-        .iter()
-        .map(|h| AgentClient::new(h, http.clone()))
-        .collect();
     Ok((env.clone(), clients))
 }
 
@@ -51,6 +52,10 @@ pub struct StatusRow {
     pub last_outcome: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How the host was reached (issue 5): over its agent's HTTPS API, or
+    /// over SSH because the agent could not be reached (and then whether
+    /// its daemon runs: `served_by` `daemon` or `in_process`).
+    pub via: RouteReport,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -119,6 +124,7 @@ pub async fn status_rows(env: &Environment, clients: &[AgentClient]) -> StatusOu
             operation: None,
             last_outcome,
             error: None,
+            via: c.route_report(),
         };
         match s {
             Ok(report) => {
@@ -187,8 +193,8 @@ pub async fn status_rows(env: &Environment, clients: &[AgentClient]) -> StatusOu
     }
 }
 
-pub async fn status(inv: &Inventory, env: &str, json: bool) -> i32 {
-    let (env, clients) = match setup(inv, env) {
+pub async fn status(inv: &Inventory, env: &str, json: bool, transport: &TransportOptions) -> i32 {
+    let (env, clients) = match setup(inv, env, transport) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -234,7 +240,13 @@ fn print_status(s: &StatusOutput) {
                         .collect::<Vec<_>>()
                         .join(",")
                 },
-                h.health.clone(),
+                match (h.via.transport, h.via.served_by.as_deref()) {
+                    ("ssh", Some("in_process")) => {
+                        format!("{} (over SSH: agent down)", h.health)
+                    }
+                    ("ssh", _) => format!("{} (over SSH: agent API unreachable)", h.health),
+                    _ => h.health.clone(),
+                },
                 h.since.clone().unwrap_or_else(|| "-".into()),
                 if let Some(e) = &h.error {
                     e.clone()
@@ -277,8 +289,14 @@ struct HostHistory<'a> {
     entry: &'a HistoryEntry,
 }
 
-pub async fn history(inv: &Inventory, env: &str, limit: usize, json: bool) -> i32 {
-    let (env, clients) = match setup(inv, env) {
+pub async fn history(
+    inv: &Inventory,
+    env: &str,
+    limit: usize,
+    json: bool,
+    transport: &TransportOptions,
+) -> i32 {
+    let (env, clients) = match setup(inv, env, transport) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -335,8 +353,9 @@ pub async fn audit(
     all_projects: bool,
     limit: usize,
     json: bool,
+    transport: &TransportOptions,
 ) -> i32 {
-    let (env, clients) = match setup(inv, env) {
+    let (env, clients) = match setup(inv, env, transport) {
         Ok(x) => x,
         Err(code) => return code,
     };

@@ -16,7 +16,7 @@ use deploy_agent::wire::{DeployRequest, OperationResult, Outcome, PullRequest, R
 use futures_util::future::join_all;
 use serde::Serialize;
 
-use crate::client::{AgentClient, CallError, http_client};
+use crate::client::{self, AgentClient, CallError, Notice, TransportOptions};
 use crate::exit;
 use crate::fleet::{Action, Failure, FleetRollout, Observation, Seen, Verdict};
 use crate::inventory::{Environment, Inventory};
@@ -39,6 +39,8 @@ pub struct DeployOptions {
     pub no_promote: bool,
     pub lock_wait: Option<Duration>,
     pub reason: Option<String>,
+    /// `--transport`, `--accept-new-host-keys` (issue 5).
+    pub transport: TransportOptions,
 }
 
 /// One host's line of the summary.
@@ -49,6 +51,21 @@ pub struct HostLine {
     /// What it serves at the end (`unknown` when its agent could not tell).
     pub after: String,
     pub result: String,
+    /// How it was reached: `agent` (HTTPS, mutual TLS) or `ssh` (issue 5).
+    pub via: String,
+}
+
+/// The clients of `env`'s hosts; route warnings go to `out` (issue 5).
+fn make_clients(
+    env: &Environment,
+    transport: &TransportOptions,
+    out: &Arc<Reporter>,
+) -> Result<Vec<AgentClient>, String> {
+    let notice: Notice = {
+        let out = out.clone();
+        Arc::new(move |m: &str| out.warn(m))
+    };
+    client::clients(env, &env.tls, transport, notice)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -85,14 +102,15 @@ impl Summary {
             md_cell(&self.message)
         );
         if !self.hosts.is_empty() {
-            md.push_str("| host | before | after | result |\n|---|---|---|---|\n");
+            md.push_str("| host | before | after | result | via |\n|---|---|---|---|---|\n");
             for h in &self.hosts {
                 md.push_str(&format!(
-                    "| {} | {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} |\n",
                     md_cell(&h.host),
                     md_cell(h.before.as_deref().unwrap_or("-")),
                     md_cell(&h.after),
-                    md_cell(&h.result)
+                    md_cell(&h.result),
+                    md_cell(&h.via)
                 ));
             }
             md.push('\n');
@@ -137,11 +155,12 @@ impl Summary {
         );
         for h in &self.hosts {
             s.push_str(&format!(
-                "\n  {:<16} {:<14} -> {:<14} {}",
+                "\n  {:<16} {:<14} -> {:<14} {}{}",
                 h.host,
                 h.before.as_deref().unwrap_or("-"),
                 h.after,
-                h.result
+                h.result,
+                if h.via == "ssh" { " (over SSH)" } else { "" }
             ));
         }
         s
@@ -254,20 +273,16 @@ pub async fn deploy(inv: &Inventory, opts: &DeployOptions, out: Arc<Reporter>) -
             return exit::CONFIG;
         }
     };
-    let http = match http_client(&env.tls) {
+    let clients = match make_clients(env, &opts.transport, &out) {
         Ok(c) => c,
         Err(e) => {
-            out.error(&e.to_string());
+            out.error(&e);
             return exit::CONFIG;
         }
     };
     let ctx = Ctx {
         env,
-        clients: env
-            .hosts
-            .iter()
-            .map(|h| AgentClient::new(h, http.clone()))
-            .collect(),
+        clients,
         out: out.clone(),
         started,
         deployment_id: new_deployment_id(&env.name, release),
@@ -302,13 +317,15 @@ pub async fn deploy(inv: &Inventory, opts: &DeployOptions, out: Arc<Reporter>) -
         );
     }
     let promoted = match &source {
-        Some(src) => match promote::source_digests(inv, env, src, release, &out).await {
-            Ok(d) => {
-                out.phase(&format!("promotion: {src} ran {}", describe(&d)));
-                Some(d)
+        Some(src) => {
+            match promote::source_digests(inv, env, src, release, &out, &opts.transport).await {
+                Ok(d) => {
+                    out.phase(&format!("promotion: {src} ran {}", describe(&d)));
+                    Some(d)
+                }
+                Err(r) => return ctx.refuse("deploy", release, r.code, r.message),
             }
-            Err(r) => return ctx.refuse("deploy", release, r.code, r.message),
-        },
+        }
         None => None,
     };
 
@@ -536,6 +553,7 @@ pub async fn deploy(inv: &Inventory, opts: &DeployOptions, out: Arc<Reporter>) -
             before: before[h].clone(),
             after: fleet.serving(h).to_string(),
             result: host_result(fleet.states().get(h)),
+            via: ctx.clients[h].route_report().transport.to_string(),
         })
         .collect();
     let summary = Summary {
@@ -680,6 +698,8 @@ pub struct RollbackOptions {
     pub to: Option<String>,
     pub lock_wait: Option<Duration>,
     pub reason: Option<String>,
+    /// `--transport`, `--accept-new-host-keys` (issue 5).
+    pub transport: TransportOptions,
 }
 
 /// `deploy-controller rollback`: every host of the environment at once, to
@@ -693,21 +713,17 @@ pub async fn rollback(inv: &Inventory, opts: &RollbackOptions, out: Arc<Reporter
             return exit::CONFIG;
         }
     };
-    let http = match http_client(&env.tls) {
+    let clients = match make_clients(env, &opts.transport, &out) {
         Ok(c) => c,
         Err(e) => {
-            out.error(&e.to_string());
+            out.error(&e);
             return exit::CONFIG;
         }
     };
     let target = opts.to.clone().unwrap_or_else(|| "previous".into());
     let ctx = Ctx {
         env,
-        clients: env
-            .hosts
-            .iter()
-            .map(|h| AgentClient::new(h, http.clone()))
-            .collect(),
+        clients,
         out: out.clone(),
         started,
         deployment_id: new_deployment_id(&env.name, &format!("rollback-{target}")),
@@ -805,6 +821,7 @@ pub async fn rollback(inv: &Inventory, opts: &RollbackOptions, out: Arc<Reporter
             },
             after: after.to_string(),
             result,
+            via: ctx.clients[h].route_report().transport.to_string(),
         });
     }
     let distinct: std::collections::BTreeSet<&str> =

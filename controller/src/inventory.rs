@@ -24,8 +24,14 @@
 //! name = "web-1"
 //! agent = "web-1.internal:7443"
 //! vars = { PORT = "8080" }       # per-host interpolation variables
-//! ssh = { user = "deploy", port = 22 }  # SSH fallback (kept for the fallback issue)
+//! ssh = { user = "deploy", key_env = "DEPLOY_SSH_KEY", known_hosts = "known_hosts" }  # SSH fallback
 //! ```
+//!
+//! The SSH fallback (issue 5, docs/ssh.md): a host's `ssh` table, over the
+//! environment's `ssh` table (defaults for every host). `connect_timeout`
+//! bounds the connection to an agent (and to sshd) before the controller
+//! counts it unreachable. `[environments.E.install]` feeds
+//! `deploy-controller install`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -95,6 +101,13 @@ struct RawEnvironment {
     strategy: RawStrategy,
     #[serde(default)]
     hosts: Vec<RawHost>,
+    // --- SSH fallback (issue 5) ---
+    #[serde(default)]
+    ssh: Option<RawSsh>,
+    #[serde(default)]
+    connect_timeout: Option<String>,
+    #[serde(default)]
+    install: Option<RawInstall>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,24 +145,233 @@ struct RawHost {
     #[serde(default)]
     vars: BTreeMap<String, String>,
     #[serde(default)]
-    ssh: Option<SshConfig>,
+    ssh: Option<RawSsh>,
 }
 
-/// SSH details for the fallback (used by a later issue; parsed and kept).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+// --- SSH fallback (issue 5) ---------------------------------------------------
+
+/// An `ssh` table, of a host or of an environment (defaults for its hosts).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SshConfig {
+struct RawSsh {
+    /// Where sshd listens (default: the host part of `agent`).
+    #[serde(default, alias = "host")]
+    address: Option<String>,
     #[serde(default)]
-    pub host: Option<String>,
+    port: Option<u16>,
     #[serde(default)]
-    pub port: Option<u16>,
+    user: Option<String>,
+    /// A private key file (OpenSSH format; ed25519 or RSA, unencrypted).
     #[serde(default)]
-    pub user: Option<String>,
+    key: Option<PathBuf>,
+    /// The name of an environment variable holding the private key's text
+    /// (for CI secrets), instead of `key`.
     #[serde(default)]
-    pub key: Option<PathBuf>,
+    key_env: Option<String>,
     #[serde(default)]
-    pub known_hosts: Option<PathBuf>,
+    known_hosts: Option<PathBuf>,
+    /// The remote command that runs deploy-agent (default `deploy-agent`),
+    /// e.g. `"/usr/bin/deploy-agent"` or `"sudo -n /usr/bin/deploy-agent"`.
+    #[serde(default)]
+    command: Option<String>,
+    /// Environment variables set for it (`env K=V … command`), e.g.
+    /// `DEPLOY_AGENT_STATE_DIR`.
+    #[serde(default)]
+    env: Option<BTreeMap<String, String>>,
 }
+
+impl RawSsh {
+    /// `self` (the host's) over `base` (the environment's).
+    fn over(&self, base: &RawSsh) -> RawSsh {
+        RawSsh {
+            address: self.address.clone().or_else(|| base.address.clone()),
+            port: self.port.or(base.port),
+            user: self.user.clone().or_else(|| base.user.clone()),
+            key: self.key.clone().or_else(|| base.key.clone()),
+            key_env: self.key_env.clone().or_else(|| base.key_env.clone()),
+            known_hosts: self
+                .known_hosts
+                .clone()
+                .or_else(|| base.known_hosts.clone()),
+            command: self.command.clone().or_else(|| base.command.clone()),
+            env: self.env.clone().or_else(|| base.env.clone()),
+        }
+    }
+}
+
+/// Where the SSH fallback's private key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SshKeySource {
+    File(PathBuf),
+    /// The name of an environment variable holding the key's text.
+    Env(String),
+}
+
+impl std::fmt::Display for SshKeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SshKeySource::File(p) => write!(f, "key file {}", p.display()),
+            SshKeySource::Env(v) => write!(f, "key in ${v}"),
+        }
+    }
+}
+
+/// A host's SSH details, checked and complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshSettings {
+    pub address: String,
+    pub port: u16,
+    pub user: String,
+    pub key: SshKeySource,
+    pub known_hosts: PathBuf,
+    /// The remote command that runs deploy-agent.
+    pub command: String,
+    pub env: BTreeMap<String, String>,
+}
+
+impl SshSettings {
+    /// `user@address:port`, for messages.
+    pub fn target(&self) -> String {
+        format!("{}@{}:{}", self.user, self.address, self.port)
+    }
+}
+
+/// `[environments.E.install]`: what `deploy-controller install` copies.
+/// Paths may contain `{host}`, replaced by each host's name.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstall {
+    #[serde(default)]
+    agent_toml: Option<String>,
+    #[serde(default)]
+    tls_cert: Option<String>,
+    #[serde(default)]
+    tls_key: Option<String>,
+    #[serde(default)]
+    tls_ca: Option<String>,
+    #[serde(default)]
+    binary: Option<String>,
+    #[serde(default)]
+    deb: Option<String>,
+    #[serde(default)]
+    root: Option<String>,
+    #[serde(default)]
+    sudo: Option<bool>,
+}
+
+/// `[environments.E.install]`, with local paths resolved (still holding
+/// `{host}` where given).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstallSettings {
+    /// The host's agent.toml (local file).
+    pub agent_toml: Option<String>,
+    /// The local files installed where that agent.toml's `tls_cert`,
+    /// `tls_key` and `tls_ca` say.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub tls_ca: Option<String>,
+    /// The deploy-agent binary to copy (default: the one next to
+    /// deploy-controller), or a .deb to install instead.
+    pub binary: Option<String>,
+    pub deb: Option<String>,
+    /// A prefix of every remote path (default `/`): `/tmp/x` installs into
+    /// `/tmp/x/usr/bin/deploy-agent` etc. and starts nothing.
+    pub root: String,
+    /// Run the remote commands with `sudo -n` (an SSH user that is not root).
+    pub sudo: bool,
+}
+
+/// The default of `connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn valid_env_name(k: &str) -> bool {
+    let mut chars = k.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Checks a host's merged `ssh` table.
+fn ssh_settings(
+    raw: &RawSsh,
+    agent: &str,
+    at: &str,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<SshSettings, String> {
+    let address = match &raw.address {
+        Some(a) if a.trim().is_empty() || a.contains(char::is_whitespace) => {
+            return Err(format!(
+                "`{at}.address` {a:?} is not a host name or address"
+            ));
+        }
+        Some(a) => a.clone(),
+        None => agent
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
+            .unwrap_or_default(),
+    };
+    let port = raw.port.unwrap_or(22);
+    if port == 0 {
+        return Err(format!("`{at}.port` must be a port number (1-65535)"));
+    }
+    let user = match &raw.user {
+        Some(u) if !u.is_empty() && !u.contains(char::is_whitespace) => u.clone(),
+        Some(u) => return Err(format!("`{at}.user` {u:?} is not a user name")),
+        None => {
+            return Err(format!(
+                "`{at}` has no `user`: the SSH fallback needs the login, e.g. user = \"deploy\""
+            ));
+        }
+    };
+    let key = match (&raw.key, &raw.key_env) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "`{at}` sets both `key` and `key_env`: give the private key one way"
+            ));
+        }
+        (Some(k), None) => SshKeySource::File(resolve(k)),
+        (None, Some(v)) if valid_env_name(v) => SshKeySource::Env(v.clone()),
+        (None, Some(v)) => {
+            return Err(format!(
+                "`{at}.key_env` {v:?} is not an environment variable name"
+            ));
+        }
+        (None, None) => {
+            return Err(format!(
+                "`{at}` has no private key: set `key` (a file) or `key_env` (an environment variable holding it, e.g. \"DEPLOY_SSH_KEY\")"
+            ));
+        }
+    };
+    let Some(known_hosts) = &raw.known_hosts else {
+        return Err(format!(
+            "`{at}` has no `known_hosts`: host keys are always verified; give the file that lists this host's key \
+             (ssh-keyscan -p {port} {address} > known_hosts)"
+        ));
+    };
+    let command = raw
+        .command
+        .clone()
+        .unwrap_or_else(|| "deploy-agent".to_string());
+    if command.trim().is_empty() {
+        return Err(format!("`{at}.command` is empty"));
+    }
+    let env = raw.env.clone().unwrap_or_default();
+    if let Some(k) = env.keys().find(|k| !valid_env_name(k)) {
+        return Err(format!(
+            "`{at}.env` key {k:?} is not an environment variable name"
+        ));
+    }
+    Ok(SshSettings {
+        address,
+        port,
+        user,
+        key,
+        known_hosts: resolve(known_hosts),
+        command,
+        env,
+    })
+}
+
+// --- end SSH fallback -------------------------------------------------------------
 
 /// The client certificate the controller presents, and the CA it trusts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,7 +387,9 @@ pub struct Host {
     /// `host:port` of the agent's HTTPS API.
     pub agent: String,
     pub vars: BTreeMap<String, String>,
-    pub ssh: Option<SshConfig>,
+    /// The SSH fallback (issue 5): `None` when neither the host nor its
+    /// environment has an `ssh` table.
+    pub ssh: Option<SshSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +405,11 @@ pub struct Environment {
     pub vars: BTreeMap<String, String>,
     pub strategy: Strategy,
     pub hosts: Vec<Host>,
+    /// How long a connection to an agent (and to sshd) may take before
+    /// the host counts as unreachable (issue 5).
+    pub connect_timeout: Duration,
+    /// `[environments.E.install]` (issue 5).
+    pub install: Option<InstallSettings>,
 }
 
 impl Environment {
@@ -279,11 +508,27 @@ impl Inventory {
                 }
                 let agent = normalize_agent(&h.agent)
                     .map_err(|m| invalid(format!("`{hat}.agent` {:?}: {m}", h.agent)))?;
+                // issue 5: the host's ssh table over the environment's.
+                let ssh = match (&h.ssh, &e.ssh) {
+                    (None, None) => None,
+                    (host_ssh, env_ssh) => {
+                        let merged = host_ssh
+                            .clone()
+                            .unwrap_or_default()
+                            .over(&env_ssh.clone().unwrap_or_default());
+                        let sat = if h.ssh.is_some() {
+                            format!("{hat}.ssh")
+                        } else {
+                            format!("{at}.ssh")
+                        };
+                        Some(ssh_settings(&merged, &agent, &sat, &resolve).map_err(invalid)?)
+                    }
+                };
                 hosts.push(Host {
                     name: h.name.clone(),
                     agent,
                     vars: h.vars.clone(),
-                    ssh: h.ssh.clone(),
+                    ssh,
                 });
             }
             let duration =
@@ -299,6 +544,42 @@ impl Inventory {
                         .transpose()
                 };
             let observation = duration("observation", &e.observation)?;
+            let connect_timeout =
+                duration("connect_timeout", &e.connect_timeout)?.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+            if connect_timeout < Duration::from_millis(100) {
+                return Err(invalid(format!(
+                    "`{at}.connect_timeout` must be at least 100ms"
+                )));
+            }
+            let install = e.install.as_ref().map(|i| {
+                let path = |p: &Option<String>| {
+                    p.as_ref()
+                        .map(|p| resolve(Path::new(p)).display().to_string())
+                };
+                InstallSettings {
+                    agent_toml: path(&i.agent_toml),
+                    tls_cert: path(&i.tls_cert),
+                    tls_key: path(&i.tls_key),
+                    tls_ca: path(&i.tls_ca),
+                    binary: path(&i.binary),
+                    deb: path(&i.deb),
+                    root: i.root.clone().unwrap_or_else(|| "/".into()),
+                    sudo: i.sudo.unwrap_or(false),
+                }
+            });
+            if let Some(i) = &install {
+                if i.binary.is_some() && i.deb.is_some() {
+                    return Err(invalid(format!(
+                        "`{at}.install` sets both `binary` and `deb`: install one or the other"
+                    )));
+                }
+                if !i.root.starts_with('/') {
+                    return Err(invalid(format!(
+                        "`{at}.install.root` {:?} must be an absolute path",
+                        i.root
+                    )));
+                }
+            }
             let lock_ttl = duration("lock_ttl", &e.lock_ttl)?.unwrap_or(DEFAULT_LOCK_TTL);
             if lock_ttl < Duration::from_secs(1) {
                 return Err(invalid(format!(
@@ -365,6 +646,8 @@ impl Inventory {
                         max_failed: e.strategy.max_failed.unwrap_or(0),
                     },
                     hosts,
+                    connect_timeout,
+                    install,
                 },
             );
         }
@@ -472,7 +755,7 @@ key = "prod-key.pem"
 name = "p1"
 agent = "https://10.0.0.1:7443/"
 vars = { PORT = "8080" }
-ssh = { user = "deploy", port = 2222, known_hosts = "kh" }
+ssh = { user = "deploy", port = 2222, known_hosts = "kh", key_env = "DEPLOY_SSH_KEY" }
 [[environments.production.hosts]]
 name = "p2"
 agent = "p2:7443"
@@ -503,7 +786,14 @@ agent = "p2:7443"
         assert_eq!(p.strategy.pause, Duration::from_secs(10));
         assert_eq!(p.strategy.max_failed, 1);
         assert_eq!(p.hosts[0].agent, "10.0.0.1:7443");
-        assert_eq!(p.hosts[0].ssh.as_ref().unwrap().port, Some(2222));
+        let ssh = p.hosts[0].ssh.as_ref().unwrap();
+        assert_eq!(ssh.port, 2222);
+        assert_eq!(ssh.address, "10.0.0.1");
+        assert_eq!(ssh.known_hosts, PathBuf::from("/etc/deploy/kh"));
+        assert_eq!(ssh.key, SshKeySource::Env("DEPLOY_SSH_KEY".into()));
+        assert_eq!(ssh.command, "deploy-agent");
+        assert_eq!(p.hosts[1].ssh, None);
+        assert_eq!(p.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         let cli = BTreeMap::from([("DOMAIN".to_string(), "x".to_string())]);
         let v = p.vars_for(&p.hosts[0], &cli);
         assert_eq!(v["PORT"], "8080");
@@ -571,6 +861,79 @@ agent = "p2:7443"
             assert!(e.contains(needle), "expected {needle:?} in: {e}");
             assert!(e.contains("/etc/deploy/deploy.toml"), "{e}");
         }
+    }
+
+    #[test]
+    fn ssh_tables_merge_and_are_checked() {
+        let base = "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n[environments.a]\nproject = \"p\"\ncompose = \"c\"\n";
+        let inv = parse(&format!(
+            "{base}connect_timeout = \"1500ms\"\n\
+             ssh = {{ user = \"deploy\", key = \"id\", known_hosts = \"kh\", env = {{ DEPLOY_AGENT_STATE_DIR = \"/srv/x\" }} }}\n\
+             install = {{ agent_toml = \"hosts/{{host}}.toml\", root = \"/tmp/r\" }}\n\
+             [[environments.a.hosts]]\nname = \"h1\"\nagent = \"h1.internal:7443\"\n\
+             [[environments.a.hosts]]\nname = \"h2\"\nagent = \"h2:7443\"\nssh = {{ address = \"10.0.0.2\", port = 2222, user = \"root\", command = \"/usr/bin/deploy-agent\" }}\n"
+        ))
+        .unwrap();
+        let a = inv.environment("a").unwrap();
+        assert_eq!(a.connect_timeout, Duration::from_millis(1500));
+        let h1 = a.hosts[0].ssh.as_ref().unwrap();
+        assert_eq!(h1.target(), "deploy@h1.internal:22");
+        assert_eq!(h1.key, SshKeySource::File(PathBuf::from("/etc/deploy/id")));
+        assert_eq!(h1.env["DEPLOY_AGENT_STATE_DIR"], "/srv/x");
+        let h2 = a.hosts[1].ssh.as_ref().unwrap();
+        assert_eq!(h2.target(), "root@10.0.0.2:2222");
+        assert_eq!(h2.known_hosts, PathBuf::from("/etc/deploy/kh"));
+        assert_eq!(h2.command, "/usr/bin/deploy-agent");
+        let install = a.install.as_ref().unwrap();
+        assert_eq!(
+            install.agent_toml.as_deref(),
+            Some("/etc/deploy/hosts/{host}.toml")
+        );
+        assert_eq!(install.root, "/tmp/r");
+
+        let host = "[[environments.a.hosts]]\nname = \"h\"\nagent = \"h:1\"\n";
+        for (ssh, needle) in [
+            (
+                "ssh = { key = \"k\", known_hosts = \"kh\" }",
+                "environments.a.hosts[0].ssh` has no `user`",
+            ),
+            (
+                "ssh = { user = \"u\", known_hosts = \"kh\" }",
+                "no private key",
+            ),
+            (
+                "ssh = { user = \"u\", key = \"k\", key_env = \"K\", known_hosts = \"kh\" }",
+                "both `key` and `key_env`",
+            ),
+            ("ssh = { user = \"u\", key = \"k\" }", "known_hosts"),
+            (
+                "ssh = { user = \"u\", key_env = \"not a var\", known_hosts = \"kh\" }",
+                "key_env",
+            ),
+            (
+                "ssh = { user = \"u\", key = \"k\", known_hosts = \"kh\", env = { \"A B\" = \"1\" } }",
+                "env",
+            ),
+            (
+                "ssh = { user = \"u\", key = \"k\", known_hosts = \"kh\", password = \"x\" }",
+                "password",
+            ),
+        ] {
+            let e = parse(&format!("{base}{host}{ssh}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "expected {needle:?} in: {e}");
+        }
+        let e = parse(&format!("{base}connect_timeout = \"1ms\"\n{host}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("connect_timeout"), "{e}");
+        let e = parse(&format!(
+            "{base}install = {{ binary = \"a\", deb = \"b\" }}\n{host}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("install"), "{e}");
     }
 
     #[test]

@@ -14,8 +14,10 @@ pub mod commands;
 pub mod deploy;
 pub mod exit;
 pub mod fleet;
+pub mod install; // issue 5: `deploy-controller install` over SSH
 pub mod inventory;
 pub mod lease;
 pub mod pki;
 pub mod promote;
 pub mod report;
+pub mod ssh; // issue 5: the SSH transport

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use deploy_controller::client::{Transport, TransportOptions};
 use deploy_controller::deploy::{DeployOptions, RollbackOptions};
+use deploy_controller::install::{self, InstallOptions};
 use deploy_controller::inventory::Inventory;
 use deploy_controller::pki::{self, Kind};
 use deploy_controller::report::Reporter;
@@ -16,7 +18,7 @@ use deploy_controller::{commands, deploy, exit};
 #[derive(Parser)]
 #[command(
     name = "deploy-controller",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("DEPLOY_GIT_COMMIT"), ")"),
     about = "Deploys releases to fleets of deploy-agent hosts: canary, batches, fleet-wide rollback"
 )]
 struct Cli {
@@ -28,6 +30,14 @@ struct Cli {
         default_value = "deploy.toml"
     )]
     inventory: PathBuf,
+    /// How to reach the agents: `auto` (HTTPS; SSH only for a host whose
+    /// agent cannot be reached), `agent` (HTTPS only) or `ssh` (SSH only).
+    #[arg(long, global = true, value_enum, default_value_t = Transport::Auto)]
+    transport: Transport,
+    /// Accept and record in known_hosts the SSH key of a host that is not
+    /// in it yet (never a changed key). Printed loudly and audited on the host.
+    #[arg(long, global = true)]
+    accept_new_host_keys: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -95,6 +105,27 @@ enum Cmd {
         env: String,
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install deploy-agent on hosts over SSH: binary (or .deb), agent.toml,
+    /// certificates; start the services. Idempotent (docs/ssh.md).
+    Install {
+        #[arg(long)]
+        env: String,
+        /// Only this host (repeatable; default: every host of the environment).
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+        /// The deploy-agent binary to install (default: [install] binary,
+        /// else target/debian/deploy-agent_*.deb, else the one next to deploy-controller).
+        #[arg(long, conflicts_with = "deb")]
+        binary: Option<PathBuf>,
+        /// A .deb (packaging/build-deb.sh) to install with dpkg instead.
+        #[arg(long)]
+        deb: Option<PathBuf>,
+        /// Copy the files only; do not enable or start the services.
+        #[arg(long)]
+        no_start: bool,
         #[arg(long)]
         json: bool,
     },
@@ -178,6 +209,10 @@ fn load(path: &std::path::Path) -> Result<Inventory, i32> {
 }
 
 async fn run(cli: Cli) -> i32 {
+    let transport = TransportOptions {
+        transport: cli.transport,
+        accept_new_host_keys: cli.accept_new_host_keys,
+    };
     match cli.cmd {
         Cmd::Pki { cmd } => match cmd {
             PkiCmd::Init { dir, days } => match pki::init(&dir, days) {
@@ -252,6 +287,7 @@ async fn run(cli: Cli) -> i32 {
                 no_promote,
                 lock_wait,
                 reason,
+                transport,
             };
             deploy::deploy(&inv, &opts, out).await
         }
@@ -272,15 +308,39 @@ async fn run(cli: Cli) -> i32 {
                 to,
                 lock_wait,
                 reason,
+                transport,
             };
             deploy::rollback(&inv, &opts, out).await
         }
+        Cmd::Install {
+            env,
+            hosts,
+            binary,
+            deb,
+            no_start,
+            json,
+        } => {
+            let inv = match load(&cli.inventory) {
+                Ok(i) => i,
+                Err(code) => return code,
+            };
+            let out = Arc::new(Reporter::new(json));
+            let opts = InstallOptions {
+                env,
+                hosts,
+                binary,
+                deb,
+                no_start,
+                transport,
+            };
+            install::install(&inv, &opts, out).await
+        }
         Cmd::Status { env, json } => match load(&cli.inventory) {
-            Ok(inv) => commands::status(&inv, &env, json).await,
+            Ok(inv) => commands::status(&inv, &env, json, &transport).await,
             Err(code) => code,
         },
         Cmd::History { env, limit, json } => match load(&cli.inventory) {
-            Ok(inv) => commands::history(&inv, &env, limit, json).await,
+            Ok(inv) => commands::history(&inv, &env, limit, json, &transport).await,
             Err(code) => code,
         },
         Cmd::Audit {
@@ -289,7 +349,7 @@ async fn run(cli: Cli) -> i32 {
             all,
             json,
         } => match load(&cli.inventory) {
-            Ok(inv) => commands::audit(&inv, &env, all, limit, json).await,
+            Ok(inv) => commands::audit(&inv, &env, all, limit, json, &transport).await,
             Err(code) => code,
         },
     }

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use deploy_agent::wire::ReleaseInfo;
 use futures_util::future::join_all;
 
-use crate::client::{AgentClient, CallError, http_client};
+use crate::client::{self, AgentClient, CallError, Notice, TransportOptions};
 use crate::exit;
 use crate::inventory::{Environment, Inventory, TlsFiles};
 use crate::report::Reporter;
@@ -33,7 +33,8 @@ pub async fn source_digests(
     target: &Environment,
     source: &str,
     release: &str,
-    out: &Reporter,
+    out: &std::sync::Arc<Reporter>,
+    transport: &TransportOptions,
 ) -> Result<BTreeMap<String, String>, Refused> {
     let src = inv.environment(source).map_err(|e| Refused {
         code: exit::CONFIG,
@@ -44,15 +45,15 @@ pub async fn source_digests(
         cert: target.tls.cert.clone(),
         key: target.tls.key.clone(),
     };
-    let http = http_client(&tls).map_err(|e| Refused {
-        code: exit::CONFIG,
-        message: e.to_string(),
-    })?;
-    let clients: Vec<AgentClient> = src
-        .hosts
-        .iter()
-        .map(|h| AgentClient::new(h, http.clone()))
-        .collect();
+    let notice: Notice = {
+        let out = out.clone();
+        std::sync::Arc::new(move |m: &str| out.warn(m))
+    };
+    let clients: Vec<AgentClient> =
+        client::clients(src, &tls, transport, notice).map_err(|message| Refused {
+            code: exit::CONFIG,
+            message,
+        })?;
     out.phase(&format!(
         "promotion: asking {} host(s) of {source} which digests release {release} of {} ran",
         clients.len(),

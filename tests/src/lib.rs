@@ -16,6 +16,7 @@
 //! - [`PrivateRegistry`]: a throw-away registry on a free port, for tests that
 //!   stop their registry.
 //! - [`Compose`]: compose files for the demo images.
+//! - [`sshd::Sshd`]: a throw-away OpenSSH server on 127.0.0.1 (issue 5).
 //!
 //! All traffic goes to 127.0.0.1 only.
 
@@ -25,6 +26,7 @@ mod harness;
 mod http;
 mod load;
 mod registry;
+pub mod sshd; // issue 5: a throw-away sshd for the SSH transport's tests
 
 pub use compose::{Compose, Health, Service};
 pub use env::{

@@ -210,40 +210,7 @@ struct ReleaseQuery {
 }
 
 async fn release(State(engine): State<Arc<Engine>>, Query(q): Query<ReleaseQuery>) -> Response {
-    let (Some(project), Some(release)) = (q.project, q.release) else {
-        return error(ApiError::new(
-            Outcome::ConfigError,
-            "GET /v1/release needs ?project=P&release=R",
-        ));
-    };
-    let record = match engine.store.release(&project, &release) {
-        Ok(r) => r,
-        Err(e) => return op_error(e.into()),
-    };
-    let Some(record) = record else {
-        let mut resp = error(ApiError::new(
-            Outcome::ConfigError,
-            format!(
-                "release {release} of project {project} was never deployed on this host (or its record was pruned)"
-            ),
-        ));
-        *resp.status_mut() = StatusCode::NOT_FOUND;
-        return resp;
-    };
-    let serving = match engine.store.serving(&project) {
-        Ok(s) => s.and_then(|s| s.current).as_deref() == Some(release.as_str()),
-        Err(e) => return op_error(e.into()),
-    };
-    Json(ReleaseInfo {
-        host: hostname(),
-        project,
-        release,
-        state: record.state.as_str().to_string(),
-        created_at: record.created_at,
-        digests: record.digests,
-        serving,
-    })
-    .into_response()
+    respond(release_info(&engine, q.project, q.release))
 }
 
 fn check_request(deployment_id: &str, ttl_ms: Option<u64>) -> Result<Duration, ApiError> {
@@ -321,11 +288,7 @@ fn lease_error(e: LeaseError) -> ApiError {
 }
 
 async fn lock_get(State(engine): State<Arc<Engine>>) -> Response {
-    let env = environment(&engine.config);
-    match engine.store.active_lease(env, jiff::Timestamp::now()) {
-        Ok(l) => Json(l).into_response(),
-        Err(e) => op_error(e.into()),
-    }
+    respond(current_lease(&engine))
 }
 
 async fn lock(
@@ -333,22 +296,122 @@ async fn lock(
     ConnectInfo(peer): ConnectInfo<Peer>,
     Json(req): Json<LockRequest>,
 ) -> Response {
-    let ttl = match check_request(&req.deployment_id, Some(req.ttl_ms)) {
-        Ok(t) => t,
-        Err(e) => return error(e),
-    };
+    respond(take_lease(&engine, &peer.who, &req))
+}
+
+async fn renew(
+    State(engine): State<Arc<Engine>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Json(req): Json<LockRequest>,
+) -> Response {
+    respond(renew_lease(&engine, &peer.who, &req))
+}
+
+async fn unlock(
+    State(engine): State<Arc<Engine>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Json(req): Json<UnlockRequest>,
+) -> Response {
+    respond(give_up_lease(&engine, &peer.who, &req))
+}
+
+fn respond<T: serde::Serialize>(r: Result<T, Refusal>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(r) => (r.status, Json(r.error)).into_response(),
+    }
+}
+
+// --- The lease and release records as functions (issue 5) -----------------
+// The HTTPS API's handlers above and `deploy-agent serve-stdio` (the SSH
+// transport, when no daemon answers) both call these, so a request does
+// the same thing and leaves the same audit records whichever way it came.
+
+/// An error answer and the HTTP status it goes with.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub error: ApiError,
+}
+
+impl From<ApiError> for Refusal {
+    fn from(error: ApiError) -> Refusal {
+        Refusal {
+            status: status_of(error.outcome),
+            error,
+        }
+    }
+}
+
+impl From<OpError> for Refusal {
+    fn from(e: OpError) -> Refusal {
+        ApiError::new(e.outcome, e.message).into()
+    }
+}
+
+/// `GET /v1/lock`: the lease in force, if any.
+pub fn current_lease(engine: &Engine) -> Result<Option<crate::wire::Lease>, Refusal> {
+    let env = environment(&engine.config);
+    engine
+        .store
+        .active_lease(env, jiff::Timestamp::now())
+        .map_err(|e| OpError::from(e).into())
+}
+
+/// `POST /v1/lock`: take (or extend) the environment lease for `who`;
+/// with `hand_over_from`, take it over from that identity within the same
+/// deployment (SSH callers only).
+pub fn take_lease(engine: &Engine, who: &str, req: &LockRequest) -> Result<LockGranted, Refusal> {
+    let ttl = check_request(&req.deployment_id, Some(req.ttl_ms))?;
     let env = environment(&engine.config).to_string();
-    let result = engine.store.acquire_lease(
-        &env,
-        &req.deployment_id,
-        &peer.who,
-        req.purpose.as_deref(),
-        ttl,
-        jiff::Timestamp::now(),
-    );
+    let now = jiff::Timestamp::now();
+    let result = match &req.hand_over_from {
+        Some(from) => {
+            if !who.starts_with("ssh:") {
+                return Err(ApiError::new(
+                    Outcome::ConfigError,
+                    "hand_over_from is only accepted from a caller over SSH (deploy-agent serve-stdio)",
+                )
+                .into());
+            }
+            engine
+                .store
+                .hand_over_lease(
+                    &env,
+                    &req.deployment_id,
+                    from,
+                    who,
+                    req.purpose.as_deref(),
+                    ttl,
+                    now,
+                )
+                .map(|(a, handed)| (a, handed.then(|| from.clone())))
+        }
+        None => engine
+            .store
+            .acquire_lease(
+                &env,
+                &req.deployment_id,
+                who,
+                req.purpose.as_deref(),
+                ttl,
+                now,
+            )
+            .map(|a| (a, None)),
+    };
     match result {
-        Ok(a) => {
-            if !a.extended {
+        Ok((a, handed_from)) => {
+            if let Some(from) = handed_from {
+                let detail = serde_json::json!({
+                    "environment": env,
+                    "deployment_id": req.deployment_id,
+                    "purpose": req.purpose,
+                    "expires_at": a.lease.expires_at,
+                    "from": from,
+                });
+                audit_lock(engine, who, "lock.handed_over", detail)?;
+                tracing::warn!(who = %who, deployment = %req.deployment_id, "lock.handed_over for environment {env} from {from}");
+            } else if !a.extended {
                 let action = if a.took_over.is_some() {
                     "lock.taken_over"
                 } else {
@@ -361,16 +424,13 @@ async fn lock(
                     "expires_at": a.lease.expires_at,
                     "previous_holder": a.took_over,
                 });
-                if let Err(e) = audit_lock(&engine, &peer.who, action, detail) {
-                    return error(e);
-                }
-                tracing::info!(who = %peer.who, deployment = %req.deployment_id, "{action} for environment {env}");
+                audit_lock(engine, who, action, detail)?;
+                tracing::info!(who = %who, deployment = %req.deployment_id, "{action} for environment {env}");
             }
-            Json(LockGranted {
+            Ok(LockGranted {
                 lease: a.lease,
                 took_over: a.took_over,
             })
-            .into_response()
         }
         Err(e) => {
             let api = lease_error(e);
@@ -380,65 +440,96 @@ async fn lock(
                     "deployment_id": req.deployment_id,
                     "holder": h,
                 });
-                if let Err(e) = audit_lock(&engine, &peer.who, "lock.refused", detail) {
-                    return error(e);
-                }
+                audit_lock(engine, who, "lock.refused", detail)?;
             }
-            error(api)
+            Err(api.into())
         }
     }
 }
 
-async fn renew(
-    State(engine): State<Arc<Engine>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    Json(req): Json<LockRequest>,
-) -> Response {
-    let ttl = match check_request(&req.deployment_id, Some(req.ttl_ms)) {
-        Ok(t) => t,
-        Err(e) => return error(e),
-    };
+/// `POST /v1/lock/renew`.
+pub fn renew_lease(
+    engine: &Engine,
+    who: &str,
+    req: &LockRequest,
+) -> Result<crate::wire::Lease, Refusal> {
+    let ttl = check_request(&req.deployment_id, Some(req.ttl_ms))?;
     let env = environment(&engine.config);
-    match engine.store.renew_lease(
-        env,
-        &req.deployment_id,
-        &peer.who,
-        ttl,
-        jiff::Timestamp::now(),
-    ) {
-        Ok(lease) => Json(lease).into_response(),
-        Err(e) => error(lease_error(e)),
-    }
+    engine
+        .store
+        .renew_lease(env, &req.deployment_id, who, ttl, jiff::Timestamp::now())
+        .map_err(|e| lease_error(e).into())
 }
 
-async fn unlock(
-    State(engine): State<Arc<Engine>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    Json(req): Json<UnlockRequest>,
-) -> Response {
-    if let Err(e) = check_request(&req.deployment_id, None) {
-        return error(e);
-    }
+/// `DELETE /v1/lock`.
+pub fn give_up_lease(
+    engine: &Engine,
+    who: &str,
+    req: &UnlockRequest,
+) -> Result<Option<crate::wire::Lease>, Refusal> {
+    check_request(&req.deployment_id, None)?;
     let env = environment(&engine.config).to_string();
-    match engine
+    let released = engine
         .store
-        .release_lease(&env, &req.deployment_id, &peer.who)
-    {
-        Ok(released) => {
-            if released.is_some() {
-                let detail = serde_json::json!({
-                    "environment": env,
-                    "deployment_id": req.deployment_id,
-                });
-                if let Err(e) = audit_lock(&engine, &peer.who, "lock.released", detail) {
-                    return error(e);
-                }
-            }
-            Json(released).into_response()
-        }
-        Err(e) => error(lease_error(e)),
+        .release_lease(&env, &req.deployment_id, who)
+        .map_err(lease_error)?;
+    if released.is_some() {
+        let detail = serde_json::json!({
+            "environment": env,
+            "deployment_id": req.deployment_id,
+        });
+        audit_lock(engine, who, "lock.released", detail)?;
     }
+    Ok(released)
 }
+
+/// `GET /v1/release?project=&release=`: 404 when this host never ran it.
+pub fn release_info(
+    engine: &Engine,
+    project: Option<String>,
+    release: Option<String>,
+) -> Result<ReleaseInfo, Refusal> {
+    let (Some(project), Some(release)) = (project, release) else {
+        return Err(ApiError::new(
+            Outcome::ConfigError,
+            "GET /v1/release needs ?project=P&release=R",
+        )
+        .into());
+    };
+    let Some(record) = engine
+        .store
+        .release(&project, &release)
+        .map_err(OpError::from)?
+    else {
+        return Err(Refusal {
+            status: StatusCode::NOT_FOUND,
+            error: ApiError::new(
+                Outcome::ConfigError,
+                format!(
+                    "release {release} of project {project} was never deployed on this host (or its record was pruned)"
+                ),
+            ),
+        });
+    };
+    let serving = engine
+        .store
+        .serving(&project)
+        .map_err(OpError::from)?
+        .and_then(|s| s.current)
+        .as_deref()
+        == Some(release.as_str());
+    Ok(ReleaseInfo {
+        host: hostname(),
+        project,
+        release,
+        state: record.state.as_str().to_string(),
+        created_at: record.created_at,
+        digests: record.digests,
+        serving,
+    })
+}
+
+// --- end issue 5 -----------------------------------------------------------
 
 /// The host name this agent reports.
 pub fn hostname() -> String {

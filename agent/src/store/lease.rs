@@ -414,7 +414,10 @@ mod tests {
             .unwrap();
         assert!(handed);
         assert_eq!(a.lease.identity, "ssh:root");
-        assert_eq!(s.active_lease("prod", t(3)).unwrap().unwrap().identity, "ssh:root");
+        assert_eq!(
+            s.active_lease("prod", t(3)).unwrap().unwrap().identity,
+            "ssh:root"
+        );
         // Asking again: the new holder extends it.
         let (a, handed) = s
             .hand_over_lease("prod", "d1", "mtls:ci", "ssh:root", None, TTL, t(4))
