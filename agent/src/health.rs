@@ -2,11 +2,14 @@
 //! container is healthy, still starting, or has failed. Pure: the engine
 //! feeds it observations and sleeps between them.
 //!
-//! Why failures before the first success only fail at the deadline: a
-//! container that refuses connections while it boots is normal, and a gate
-//! that fails after three refusals would make every slow-starting app
-//! undeployable unless its owner tuned `start_period`. Once a container has
-//! answered, `unhealthy_after` consecutive failures fail it (it is flapping).
+//! Why a probe that got no answer only fails the gate at the deadline (until
+//! the container has once been healthy): a container that refuses
+//! connections while it boots is normal, and a gate that failed after three
+//! refusals would make every slow-starting app undeployable unless its owner
+//! tuned `start_period`. An app that *answers* unhealthy (HTTP 500, exec
+//! exit 1, Docker "unhealthy") is up and saying so: `unhealthy_after` of
+//! those fail the gate at once, as do as many failures of any kind once the
+//! container has been healthy (it is flapping).
 
 use std::time::Duration;
 
@@ -16,7 +19,10 @@ use crate::spec::{HealthSettings, Probe};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeResult {
     Success,
+    /// No answer: refused, timed out, not ready.
     Failure(String),
+    /// The app answered, and the answer is "unhealthy".
+    Unhealthy(String),
     /// The container is not running any more (exited, or restarted by
     /// Docker): fails the gate at once, whatever the counters say.
     ContainerDown(String),
@@ -34,6 +40,8 @@ pub struct HealthGate {
     settings: HealthSettings,
     successes: u32,
     failures: u32,
+    /// Consecutive failures where the app answered (counted before any success).
+    answered_failures: u32,
     ever_succeeded: bool,
     last_error: Option<String>,
 }
@@ -44,6 +52,7 @@ impl HealthGate {
             settings,
             successes: 0,
             failures: 0,
+            answered_failures: 0,
             ever_succeeded: false,
             last_error: None,
         }
@@ -61,6 +70,7 @@ impl HealthGate {
             ProbeResult::Success => {
                 self.successes += 1;
                 self.failures = 0;
+                self.answered_failures = 0;
                 self.ever_succeeded = true;
                 // `Running` means "kept running through the start period".
                 let settled =
@@ -69,15 +79,27 @@ impl HealthGate {
                     return Verdict::Healthy;
                 }
             }
-            ProbeResult::Failure(why) => {
+            ProbeResult::Failure(ref why) | ProbeResult::Unhealthy(ref why) => {
+                let answered = matches!(result, ProbeResult::Unhealthy(_));
+                let why = why.clone();
                 self.successes = 0;
                 if elapsed >= s.start_period {
                     self.failures += 1;
+                    if answered {
+                        self.answered_failures += 1;
+                    }
                 }
-                if self.ever_succeeded && self.failures >= s.unhealthy_after.max(1) {
+                if !answered {
+                    self.answered_failures = 0;
+                }
+                let counts = if self.ever_succeeded {
+                    self.failures
+                } else {
+                    self.answered_failures
+                };
+                if counts >= s.unhealthy_after.max(1) {
                     return Verdict::Unhealthy(format!(
-                        "{} consecutive probe failures, last: {why}",
-                        self.failures
+                        "{counts} consecutive probe failures, last: {why}"
                     ));
                 }
                 self.last_error = Some(why);
@@ -156,6 +178,34 @@ mod tests {
             }
             v => panic!("expected unhealthy, got {v:?}"),
         }
+    }
+
+    #[test]
+    fn an_app_that_answers_unhealthy_fails_after_unhealthy_after_without_waiting() {
+        let mut g = HealthGate::new(settings(http()));
+        let bad = || ProbeResult::Unhealthy("GET /health answered 500".into());
+        // In the start period answers do not count.
+        assert_eq!(g.observe(ms(0), bad()), Verdict::Pending);
+        assert_eq!(g.observe(ms(1000), bad()), Verdict::Pending);
+        assert_eq!(g.observe(ms(1100), bad()), Verdict::Pending);
+        match g.observe(ms(1200), bad()) {
+            Verdict::Unhealthy(m) => {
+                assert!(m.starts_with("3 consecutive") && m.contains("500"), "{m}")
+            }
+            v => panic!("expected unhealthy, got {v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_refusal_between_unhealthy_answers_restarts_their_count() {
+        let mut g = HealthGate::new(settings(http()));
+        let bad = || ProbeResult::Unhealthy("500".into());
+        g.observe(ms(1000), bad());
+        g.observe(ms(1100), bad());
+        g.observe(ms(1200), ProbeResult::Failure("refused".into()));
+        assert_eq!(g.observe(ms(1300), bad()), Verdict::Pending);
+        assert_eq!(g.observe(ms(1400), bad()), Verdict::Pending);
+        assert!(matches!(g.observe(ms(1500), bad()), Verdict::Unhealthy(_)));
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl ProbeCounters {
         };
         let outcome = match result {
             ProbeResult::Success => 0,
-            ProbeResult::Failure(_) => 1,
+            ProbeResult::Failure(_) | ProbeResult::Unhealthy(_) => 1,
             ProbeResult::ContainerDown(_) => 2,
         };
         self.counts[kind][outcome].fetch_add(1, Ordering::Relaxed);

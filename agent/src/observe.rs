@@ -49,7 +49,7 @@ impl ObservationGate {
                 self.failures.insert(replica.to_string(), 0);
                 None
             }
-            ProbeResult::Failure(why) => {
+            ProbeResult::Failure(why) | ProbeResult::Unhealthy(why) => {
                 let n = self.failures.entry(replica.to_string()).or_insert(0);
                 *n += 1;
                 (*n >= self.settings.unhealthy_after.max(1))

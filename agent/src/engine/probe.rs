@@ -83,13 +83,16 @@ impl Engine {
             Probe::Running { port: None } => ProbeResult::Success,
             Probe::Docker => match info.health.as_deref() {
                 Some("healthy") => ProbeResult::Success,
+                Some("unhealthy") => {
+                    ProbeResult::Unhealthy("docker health status is unhealthy".into())
+                }
                 Some(other) => ProbeResult::Failure(format!("docker health status is {other}")),
                 None => ProbeResult::Failure("the container has no Docker healthcheck".into()),
             },
             Probe::Exec { command } => {
                 match tokio::time::timeout(timeout, self.docker.exec(container, command)).await {
                     Ok(Ok(0)) => ProbeResult::Success,
-                    Ok(Ok(code)) => ProbeResult::Failure(format!("exec exited with code {code}")),
+                    Ok(Ok(code)) => ProbeResult::Unhealthy(format!("exec exited with code {code}")),
                     Ok(Err(e)) => ProbeResult::Failure(e.to_string()),
                     Err(_) => ProbeResult::Failure(format!(
                         "exec did not finish within {}",
@@ -136,7 +139,7 @@ async fn http_probe(ip: IpAddr, port: u16, path: &str, timeout: Duration) -> Pro
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(status)) if (200..400).contains(&status) => ProbeResult::Success,
-        Ok(Ok(status)) => ProbeResult::Failure(format!("GET {path} answered {status}")),
+        Ok(Ok(status)) => ProbeResult::Unhealthy(format!("GET {path} answered {status}")),
         Ok(Err(e)) => ProbeResult::Failure(e),
         Err(_) => ProbeResult::Failure(format!(
             "GET {path} on {addr} took longer than {}",
