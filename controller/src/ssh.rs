@@ -114,12 +114,7 @@ impl Verifier {
         {
             Ok(true) => KeyCheck::Known,
             Ok(false) if self.accept_new => {
-                match russh::keys::known_hosts::learn_known_hosts_path(
-                    &self.address,
-                    self.port,
-                    key,
-                    &self.known_hosts,
-                ) {
+                match learn(&self.address, self.port, key, &self.known_hosts) {
                     Ok(()) => KeyCheck::Accepted(described),
                     Err(e) => {
                         KeyCheck::Failed(format!("cannot add the new key {described} to it: {e}"))
@@ -134,6 +129,36 @@ impl Verifier {
             Err(e) => KeyCheck::Failed(e.to_string()),
         }
     }
+}
+
+/// Appends `[address]:port type key` (or `address type key` on port 22)
+/// to a known_hosts file, creating it if needed.
+fn learn(address: &str, port: u16, key: &PublicKey, path: &Path) -> Result<(), String> {
+    use std::io::Write;
+    let openssh = key.to_openssh().map_err(|e| e.to_string())?;
+    let host = if port == 22 {
+        address.to_string()
+    } else {
+        format!("[{address}]:{port}")
+    };
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    let existing = std::fs::read(path).unwrap_or_default();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let sep = if existing.is_empty() || existing.ends_with(b"\n") {
+        ""
+    } else {
+        "\n"
+    };
+    writeln!(f, "{sep}{host} {openssh}").map_err(|e| e.to_string())?;
+    f.sync_all().map_err(|e| e.to_string())
 }
 
 impl client::Handler for Verifier {
