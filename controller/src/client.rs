@@ -93,6 +93,9 @@ pub enum CallError {
         message: String,
         /// Why the agent's HTTPS API was not used, when it was tried first.
         agent: Option<String>,
+        /// Our own SSH configuration is unusable (the key file or variable):
+        /// exit 2 rather than 5.
+        config: bool,
     },
     #[error("host {host}: {}", error.message)]
     Api {
@@ -108,6 +111,7 @@ impl CallError {
     /// The outcome class, for exit codes.
     pub fn outcome(&self) -> Outcome {
         match self {
+            CallError::Ssh { config: true, .. } => Outcome::ConfigError,
             CallError::Unreachable { .. } | CallError::Protocol { .. } | CallError::Ssh { .. } => {
                 Outcome::EnvironmentError
             }
@@ -143,6 +147,18 @@ impl CallError {
 fn undelivered(e: &reqwest::Error) -> bool {
     if e.is_connect() {
         return true;
+    }
+    // The agent closed the connection right after the handshake (TLS 1.3:
+    // it refused our certificate after we sent it, e.g. expired): hyper
+    // dropped the request before processing it ("canceled").
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
+        source = s.source();
     }
     let chain = error_chain(e);
     chain.contains("received fatal alert") || chain.contains("invalid peer certificate")
@@ -660,7 +676,14 @@ pub fn clients(
             ));
         }
     }
-    let http = http_client_with(tls, env.connect_timeout).map_err(|e| e.to_string())?;
+    let http = match http_client_with(tls, env.connect_timeout) {
+        Ok(c) => c,
+        // SSH only: the HTTPS client is never used, its files need not exist.
+        Err(_) if opts.transport == Transport::Ssh => reqwest::Client::builder()
+            .build()
+            .map_err(|e| error_chain(&e))?,
+        Err(e) => return Err(e.to_string()),
+    };
     let identity = certificate_identity(&tls.cert);
     Ok(env
         .hosts
@@ -767,6 +790,7 @@ impl AgentClient {
                 CallError::Unreachable { message, .. } => message.clone(),
                 other => other.to_string(),
             }),
+            config: false,
         }
     }
 
@@ -858,7 +882,13 @@ impl AgentClient {
             self.route.connect_timeout,
         )
         .await
-        .map_err(|e| self.ssh_error(e.to_string(), agent))?;
+        .map_err(|e| {
+            let mut err = self.ssh_error(e.to_string(), agent);
+            if let CallError::Ssh { config, .. } = &mut err {
+                *config = matches!(e, ssh::SshError::Key { .. });
+            }
+            err
+        })?;
         if let Some(k) = &session.accepted_host_key {
             self.route.notice(&format!(
                 "host {}: ACCEPTED A NEW SSH HOST KEY {k} for {} and added it to {} (--accept-new-host-keys); \

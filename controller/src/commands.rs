@@ -240,11 +240,14 @@ fn print_status(s: &StatusOutput) {
                         .collect::<Vec<_>>()
                         .join(",")
                 },
-                match (h.via.transport, h.via.served_by.as_deref()) {
-                    ("ssh", Some("in_process")) => {
+                match (h.via.transport, h.via.served_by.as_deref(), &h.error) {
+                    ("ssh", Some("in_process"), None) => {
                         format!("{} (over SSH: agent down)", h.health)
                     }
-                    ("ssh", _) => format!("{} (over SSH: agent API unreachable)", h.health),
+                    ("ssh", Some(_), None) => format!(
+                        "{} (over SSH: agent's HTTPS API unreachable, daemon up)",
+                        h.health
+                    ),
                     _ => h.health.clone(),
                 },
                 h.since.clone().unwrap_or_else(|| "-".into()),

@@ -59,11 +59,13 @@ struct FileSpec {
     mode: u32,
     /// `chgrp deploy-agent` it (agent.toml and keys: the daemon's group reads them).
     group_readable: bool,
+    /// The content's SHA-256, hex.
+    sha256: String,
 }
 
 impl FileSpec {
-    fn sha256(&self) -> String {
-        hex(&Sha256::digest(self.content.as_slice()))
+    fn sha256(&self) -> &str {
+        &self.sha256
     }
 }
 
@@ -97,10 +99,25 @@ fn for_host(template: &str, host: &str) -> PathBuf {
     PathBuf::from(template.replace("{host}", host))
 }
 
-fn read(what: &str, path: &Path) -> Result<Arc<Vec<u8>>, String> {
-    std::fs::read(path)
-        .map(Arc::new)
-        .map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
+/// Local files, each read and hashed once however many hosts get it.
+#[derive(Default)]
+struct Local {
+    files: BTreeMap<PathBuf, (Arc<Vec<u8>>, String)>,
+}
+
+impl Local {
+    fn read(&mut self, what: &str, path: &Path) -> Result<(Arc<Vec<u8>>, String), String> {
+        if let Some(f) = self.files.get(path) {
+            return Ok(f.clone());
+        }
+        let content = std::fs::read(path)
+            .map(Arc::new)
+            .map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))?;
+        let sha = hex(&Sha256::digest(content.as_slice()));
+        self.files
+            .insert(path.to_path_buf(), (content.clone(), sha.clone()));
+        Ok((content, sha))
+    }
 }
 
 /// The newest `target/debian/deploy-agent_*.deb` under the working directory.
@@ -158,26 +175,41 @@ fn package(opts: &InstallOptions, inst: &InstallSettings) -> Result<Package, Str
 }
 
 /// Every file of one host, in the order they are installed.
-fn files_for(host: &Host, inst: &InstallSettings, pkg: &Package) -> Result<Vec<FileSpec>, String> {
+fn files_for(
+    host: &Host,
+    inst: &InstallSettings,
+    pkg: &Package,
+    local: &mut Local,
+) -> Result<Vec<FileSpec>, String> {
     let root = inst.root.as_str();
     let mut files = Vec::new();
-    let file = |what: &str, content, remote: &str, mode, group_readable| FileSpec {
+    let file = |what: &str,
+                (content, sha256): (Arc<Vec<u8>>, String),
+                remote: &str,
+                mode,
+                group_readable| FileSpec {
         what: what.to_string(),
+        sha256,
         content,
         remote: join_root(root, remote),
         mode,
         group_readable,
     };
+    let text = |t: &str| {
+        let content = Arc::new(t.as_bytes().to_vec());
+        let sha = hex(&Sha256::digest(content.as_slice()));
+        (content, sha)
+    };
     match pkg {
         Package::Binary(b) => {
             files.push(file(
                 "deploy-agent binary",
-                read("deploy-agent binary", b)?,
+                local.read("deploy-agent binary", b)?,
                 "/usr/bin/deploy-agent",
                 0o755,
                 false,
             ));
-            for (what, text, path) in [
+            for (what, body, path) in [
                 (
                     "unit deploy-agent.service",
                     AGENT_UNIT,
@@ -199,13 +231,7 @@ fn files_for(host: &Host, inst: &InstallSettings, pkg: &Package) -> Result<Vec<F
                     "/usr/lib/tmpfiles.d/deploy-agent.conf",
                 ),
             ] {
-                files.push(file(
-                    what,
-                    Arc::new(text.as_bytes().to_vec()),
-                    path,
-                    0o644,
-                    false,
-                ));
+                files.push(file(what, text(body), path, 0o644, false));
             }
         }
         Package::Deb(d) => {
@@ -215,7 +241,7 @@ fn files_for(host: &Host, inst: &InstallSettings, pkg: &Package) -> Result<Vec<F
                 .ok_or_else(|| format!("{} is not a .deb file name", d.display()))?;
             files.push(file(
                 ".deb",
-                read(".deb", d)?,
+                local.read(".deb", d)?,
                 &format!("/var/cache/deploy-agent/{name}"),
                 0o644,
                 false,
@@ -226,9 +252,9 @@ fn files_for(host: &Host, inst: &InstallSettings, pkg: &Package) -> Result<Vec<F
         return Ok(files);
     };
     let toml_path = for_host(toml_template, &host.name);
-    let toml = read("agent.toml", &toml_path)?;
-    let text = String::from_utf8_lossy(&toml).to_string();
-    let cfg = AgentConfig::parse(&toml_path, &text)
+    let toml = local.read("agent.toml", &toml_path)?;
+    let toml_text = String::from_utf8_lossy(&toml.0).to_string();
+    let cfg = AgentConfig::parse(&toml_path, &toml_text)
         .map_err(|e| format!("host {}: {e}; nothing was installed there", host.name))?;
     files.push(file(
         "agent.toml",
@@ -237,18 +263,18 @@ fn files_for(host: &Host, inst: &InstallSettings, pkg: &Package) -> Result<Vec<F
         0o640,
         true,
     ));
-    for (key, named, local, mode) in [
+    for (key, named, source, mode) in [
         ("tls_cert", &cfg.tls_cert, &inst.tls_cert, 0o644),
         ("tls_key", &cfg.tls_key, &inst.tls_key, 0o640),
         ("tls_ca", &cfg.tls_ca, &inst.tls_ca, 0o644),
     ] {
-        match (named, local) {
-            (Some(remote), Some(local)) => {
+        match (named, source) {
+            (Some(remote), Some(source)) => {
                 let remote = remote.display().to_string();
-                let local = for_host(local, &host.name);
+                let local_path = for_host(source, &host.name);
                 files.push(file(
                     key,
-                    read(key, &local)?,
+                    local.read(key, &local_path)?,
                     &remote,
                     mode,
                     key == "tls_key",
@@ -441,7 +467,7 @@ async fn install_host(
     };
     let mut deb_changed = false;
     for f in &files {
-        if sums.get(&f.remote) == Some(&f.sha256()) {
+        if sums.get(&f.remote).map(String::as_str) == Some(f.sha256()) {
             result.unchanged.push(f.remote.clone());
             continue;
         }
@@ -595,6 +621,7 @@ pub async fn install(inv: &Inventory, opts: &InstallOptions, out: Arc<Reporter>)
     };
     // Everything is checked before any host is contacted.
     let mut plans = Vec::new();
+    let mut local = Local::default();
     for h in &hosts {
         let Some(ssh) = &h.ssh else {
             out.error(&format!(
@@ -603,7 +630,7 @@ pub async fn install(inv: &Inventory, opts: &InstallOptions, out: Arc<Reporter>)
             ));
             return exit::CONFIG;
         };
-        match files_for(h, &inst, &pkg) {
+        match files_for(h, &inst, &pkg, &mut local) {
             Ok(f) => plans.push((*h, ssh, f)),
             Err(e) => {
                 out.error(&e);

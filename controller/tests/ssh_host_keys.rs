@@ -26,14 +26,30 @@ fn unknown_and_changed_host_keys_are_refused() {
     let changed = sshd.wrong_known_hosts();
     let dir = tempfile::tempdir().expect("tempdir");
     let hosts = vec![
-        HostEntry::new(&agents[0], Some(ssh_inline(&sshd, &agents[0], &unknown, Key::File))),
-        HostEntry::new(&agents[1], Some(ssh_inline(&sshd, &agents[1], &changed, Key::File))),
+        HostEntry::new(
+            &agents[0],
+            Some(ssh_inline(&sshd, &agents[0], &unknown, Key::File)),
+        ),
+        HostEntry::new(
+            &agents[1],
+            Some(ssh_inline(&sshd, &agents[1], &changed, Key::File)),
+        ),
     ];
     let inv = inventory(dir.path(), "deploy.toml", &pki, "ci-production", &hosts, "");
-    let only_u = inventory(dir.path(), "only-u.toml", &pki, "ci-production", &hosts[..1], "");
+    let only_u = inventory(
+        dir.path(),
+        "only-u.toml",
+        &pki,
+        "ci-production",
+        &hosts[..1],
+        "",
+    );
     drop(hosts);
 
-    let r = run(&inv, &["deploy", "--env", ENV, "--release", "v1", "--var", "TAG=v1"]);
+    let r = run(
+        &inv,
+        &["deploy", "--env", ENV, "--release", "v1", "--var", "TAG=v1"],
+    );
     r.expect_code(5);
     let text = r.text();
     assert!(
@@ -50,7 +66,12 @@ fn unknown_and_changed_host_keys_are_refused() {
         "a changed key names the host, the file and the line: {r}"
     );
     assert!(text.contains("nothing was changed"), "{r}");
-    assert_eq!(sshd.accepted_logins(), 0, "refused before logging in:\n{}", sshd.log());
+    assert_eq!(
+        sshd.accepted_logins(),
+        0,
+        "refused before logging in:\n{}",
+        sshd.log()
+    );
     assert_eq!(std::fs::read_to_string(&unknown).expect("read"), "");
     for a in &agents {
         assert!(a.harness.history("web").is_empty(), "host {}", a.name);
@@ -61,7 +82,9 @@ fn unknown_and_changed_host_keys_are_refused() {
     let s: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("status JSON");
     assert_eq!(s["hosts"][0]["health"], "unreachable", "{s:#}");
     assert!(
-        s["hosts"][1]["error"].as_str().is_some_and(|e| e.contains("CHANGED")),
+        s["hosts"][1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("CHANGED")),
         "{s:#}"
     );
 
@@ -69,13 +92,25 @@ fn unknown_and_changed_host_keys_are_refused() {
     // its known_hosts); k's changed key is still refused.
     let r = run(
         &inv,
-        &["--accept-new-host-keys", "deploy", "--env", ENV, "--release", "v1", "--var", "TAG=v1", "--json"],
+        &[
+            "--accept-new-host-keys",
+            "deploy",
+            "--env",
+            ENV,
+            "--release",
+            "v1",
+            "--var",
+            "TAG=v1",
+            "--json",
+        ],
     );
     r.expect_code(5);
     let warned = warnings(&r.json_lines());
     assert!(
-        warned.iter().any(|w| w.starts_with("host u: ACCEPTED A NEW SSH HOST KEY")
-            && w.contains(&sshd.host_key.fingerprint)),
+        warned
+            .iter()
+            .any(|w| w.starts_with("host u: ACCEPTED A NEW SSH HOST KEY")
+                && w.contains(&sshd.host_key.fingerprint)),
         "{warned:#?}"
     );
     assert!(r.text().contains("CHANGED"), "{r}");
@@ -83,7 +118,13 @@ fn unknown_and_changed_host_keys_are_refused() {
         std::fs::read_to_string(&unknown).expect("read"),
         sshd.known_hosts_line()
     );
-    assert_eq!(std::fs::read_to_string(&changed).expect("read").lines().count(), 1);
+    assert_eq!(
+        std::fs::read_to_string(&changed)
+            .expect("read")
+            .lines()
+            .count(),
+        1
+    );
     // The host recorded who accepted its key, in its audit log.
     let audit = agents[0].harness.audit_export(None);
     assert!(
@@ -96,7 +137,19 @@ fn unknown_and_changed_host_keys_are_refused() {
     assert!(agents[1].harness.history("web").is_empty());
 
     // Now known, u deploys over SSH without the flag (an RSA client key).
-    let r = run(&only_u, &["deploy", "--env", ENV, "--release", "v1", "--var", "TAG=v1", "--json"]);
+    let r = run(
+        &only_u,
+        &[
+            "deploy",
+            "--env",
+            ENV,
+            "--release",
+            "v1",
+            "--var",
+            "TAG=v1",
+            "--json",
+        ],
+    );
     r.expect_code(0);
     assert_eq!(
         summary_hosts(&r.summary()),
@@ -112,5 +165,8 @@ fn unknown_and_changed_host_keys_are_refused() {
         .unwrap_or_else(|| panic!("{audit:#?}"));
     assert_eq!(req["detail"]["key_type"], "ssh-rsa");
     assert_eq!(req["who"], who.as_str());
-    assert!(agents[1].harness.history("web").is_empty(), "k never deployed");
+    assert!(
+        agents[1].harness.history("web").is_empty(),
+        "k never deployed"
+    );
 }

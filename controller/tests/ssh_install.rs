@@ -69,9 +69,17 @@ fn install_copies_what_changed_and_nothing_else() {
     let r = run_env(&inv, &["install", "--env", "production", "--json"], &env);
     r.expect_code(0);
     let s = r.summary();
-    eprintln!("first install in {:.1}s: {}", r.duration.as_secs_f64(), host(&s));
+    eprintln!(
+        "first install in {:.1}s: {}",
+        r.duration.as_secs_f64(),
+        host(&s)
+    );
     assert_eq!(host(&s)["copied"].as_array().map(Vec::len), Some(9), "{r}");
-    assert_eq!(host(&s)["unchanged"].as_array().map(Vec::len), Some(0), "{r}");
+    assert_eq!(
+        host(&s)["unchanged"].as_array().map(Vec::len),
+        Some(0),
+        "{r}"
+    );
     assert!(
         host(&s)["service"]
             .as_str()
@@ -84,7 +92,11 @@ fn install_copies_what_changed_and_nothing_else() {
         std::fs::read(agent_bin()).expect("the binary"),
     );
     assert_eq!(
-        std::fs::metadata(&installed).expect("stat").permissions().mode() & 0o777,
+        std::fs::metadata(&installed)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777,
         0o755
     );
     let out = std::process::Command::new(&installed)
@@ -102,16 +114,37 @@ fn install_copies_what_changed_and_nothing_else() {
         std::fs::read(pki.path().join("agent-web-1-key.pem")).expect("key"),
     );
     assert!(root.join("etc/deploy-agent/tls/ca.pem").is_file());
-    assert!(root.join("etc/systemd/system/deploy-agent.service").is_file());
-    assert!(root.join("etc/systemd/system/deploy-proxy.service").is_file());
+    assert!(
+        root.join("etc/systemd/system/deploy-agent.service")
+            .is_file()
+    );
+    assert!(
+        root.join("etc/systemd/system/deploy-proxy.service")
+            .is_file()
+    );
 
     // Again: nothing to copy.
-    let r = run_env(&inv, &["install", "--env", "production", "--host", "web-1", "--json"], &env);
+    let r = run_env(
+        &inv,
+        &[
+            "install",
+            "--env",
+            "production",
+            "--host",
+            "web-1",
+            "--json",
+        ],
+        &env,
+    );
     r.expect_code(0);
     let s = r.summary();
     eprintln!("second install in {:.1}s", r.duration.as_secs_f64());
     assert_eq!(host(&s)["copied"].as_array().map(Vec::len), Some(0), "{r}");
-    assert_eq!(host(&s)["unchanged"].as_array().map(Vec::len), Some(9), "{r}");
+    assert_eq!(
+        host(&s)["unchanged"].as_array().map(Vec::len),
+        Some(9),
+        "{r}"
+    );
 
     // A changed agent.toml is the only file sent again.
     std::fs::write(
@@ -126,19 +159,34 @@ fn install_copies_what_changed_and_nothing_else() {
         serde_json::json!([toml.display().to_string()]),
         "{r}"
     );
-    assert!(std::fs::read_to_string(&toml).expect("read").contains("dashboard"));
+    assert!(
+        std::fs::read_to_string(&toml)
+            .expect("read")
+            .contains("dashboard")
+    );
 
     // A bad agent.toml is refused before anything is contacted.
     let logins = sshd.accepted_logins();
     std::fs::write(dir.path().join("hosts/web-1.toml"), "retain = \"ten\"\n").expect("write");
     let r = run_env(&inv, &["install", "--env", "production"], &env);
     r.expect_code(2);
-    assert!(r.stderr.contains("retain") && r.stderr.contains("web-1.toml"), "{r}");
+    assert!(
+        r.stderr.contains("retain") && r.stderr.contains("web-1.toml"),
+        "{r}"
+    );
     assert_eq!(sshd.accepted_logins(), logins);
-    assert!(std::fs::read_to_string(&toml).expect("read").contains("dashboard"));
+    assert!(
+        std::fs::read_to_string(&toml)
+            .expect("read")
+            .contains("dashboard")
+    );
 
     // An unknown host name is refused too.
-    let r = run_env(&inv, &["install", "--env", "production", "--host", "web-9"], &env);
+    let r = run_env(
+        &inv,
+        &["install", "--env", "production", "--host", "web-9"],
+        &env,
+    );
     r.expect_code(2);
     assert!(r.stderr.contains("web-9"), "{r}");
 }

@@ -271,3 +271,88 @@ fn one_agent_down_deploy_status_and_rollback_over_ssh_under_load() {
     assert_eq!(s["hosts"][1]["via"]["transport"], "agent", "{s:#}");
     assert_eq!(s["hosts"][1]["release"], "v1", "{s:#}");
 }
+
+/// The agent of a batch host goes down after the controller took the
+/// environment lock over mutual TLS: its deploy goes over SSH, and the
+/// lock is handed from the certificate's identity to the SSH identity
+/// first (audited `lock.handed_over`), so the agent's lease check lets
+/// this deployment, and only it, carry on.
+#[test]
+fn an_agent_lost_mid_rollout_hands_its_lock_over_to_ssh() {
+    let pki = Pki::new();
+    let mut agents = start_agents(&pki, ENV, &["a", "b"], "\"ci-production\" = \"deployer\"");
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts: Vec<HostEntry> = agents
+        .iter()
+        .map(|a| HostEntry::new(a, Some(ssh_inline(&sshd, a, &sshd.known_hosts, Key::File))))
+        .collect();
+    let inv = inventory(dir.path(), "deploy.toml", &pki, "ci-production", &hosts, "");
+    drop(hosts);
+    run(
+        &inv,
+        &["deploy", "--env", ENV, "--release", "v1", "--var", "TAG=v1"],
+    )
+    .expect_code(0);
+    // A slower gate, so that the canary is still deploying when b goes down.
+    std::fs::write(dir.path().join("compose.yml"), compose(8)).expect("write the compose file");
+
+    let running = spawn(
+        &inv,
+        &[
+            "deploy",
+            "--env",
+            ENV,
+            "--release",
+            "v2",
+            "--var",
+            "TAG=v2",
+            "--json",
+        ],
+        &[],
+    );
+    running.wait_for("canary: a", Duration::from_secs(60));
+    agents[1].harness.stop_daemon();
+    let r = running.wait();
+    r.expect_code(0);
+    assert_eq!(
+        summary_hosts(&r.summary()),
+        vec![
+            ("a".into(), "v2".into(), "agent".into()),
+            ("b".into(), "v2".into(), "ssh".into()),
+        ],
+        "{r}"
+    );
+    let warned = warnings(&r.json_lines());
+    assert!(
+        warned
+            .iter()
+            .any(|w| w.contains("host b: the environment lock of deployment")
+                && w.contains("moved to this controller's SSH identity")),
+        "{warned:#?}"
+    );
+    let who = ssh_who(&sshd, "ci-production");
+    let audit = agents[1].harness.audit_export(None);
+    let handed = audit
+        .iter()
+        .find(|e| e["action"] == "lock.handed_over")
+        .unwrap_or_else(|| panic!("{audit:#?}"));
+    assert_eq!(handed["who"], who.as_str());
+    assert_eq!(handed["detail"]["from"], "mtls:ci-production");
+    assert!(
+        audit.iter().any(|e| e["action"] == "deploy.started"
+            && e["release"] == "v2"
+            && e["who"] == who.as_str()),
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["action"] == "lock.released" && e["who"] == who.as_str()),
+        "{audit:#?}"
+    );
+    assert_eq!(
+        agents[1].harness.current_release("web").as_deref(),
+        Some("v2")
+    );
+}

@@ -100,7 +100,12 @@ fn an_expired_certificate_or_a_silent_port_falls_back_to_ssh() {
     let hosts = vec![
         HostEntry::new(
             &expired,
-            Some(ssh_inline(&sshd, &expired, &sshd.known_hosts, Key::Env(KEY_VAR))),
+            Some(ssh_inline(
+                &sshd,
+                &expired,
+                &sshd.known_hosts,
+                Key::Env(KEY_VAR),
+            )),
         ),
         HostEntry {
             agent: &y,
@@ -112,7 +117,16 @@ fn an_expired_certificate_or_a_silent_port_falls_back_to_ssh() {
 
     let r = run_env(
         &inv,
-        &["deploy", "--env", ENV, "--release", "v1", "--var", "TAG=v1", "--json"],
+        &[
+            "deploy",
+            "--env",
+            ENV,
+            "--release",
+            "v1",
+            "--var",
+            "TAG=v1",
+            "--json",
+        ],
         &[(KEY_VAR, key.as_str())],
     );
     r.expect_code(0);
@@ -138,11 +152,16 @@ fn an_expired_certificate_or_a_silent_port_falls_back_to_ssh() {
         .iter()
         .find(|w| w.starts_with("host y: its agent cannot be reached"))
         .unwrap_or_else(|| panic!("{warned:#?}"));
-    assert!(y_why.contains("timed out") || y_why.contains("timeout"), "{y_why}");
+    assert!(
+        y_why.contains("timed out") || y_why.contains("timeout"),
+        "{y_why}"
+    );
     // The daemons run: serve-stdio handed the work to them, and they
     // recorded the SSH caller.
     assert!(
-        !warned.iter().any(|w| w.contains("no deploy-agent daemon answers")),
+        !warned
+            .iter()
+            .any(|w| w.contains("no deploy-agent daemon answers")),
         "{warned:#?}"
     );
     let who = ssh_who(&sshd, "ci-production");
@@ -160,35 +179,90 @@ fn an_expired_certificate_or_a_silent_port_falls_back_to_ssh() {
             .find(|e| e["action"] == "ssh.request" && e["detail"]["op"] == "deploy")
             .unwrap_or_else(|| panic!("host {}: {audit:#?}", a.name));
         assert_eq!(req["detail"]["served_by"], "daemon");
-        assert_eq!(req["detail"]["key_fingerprint"], sshd.client_key.fingerprint.as_str());
+        assert_eq!(
+            req["detail"]["key_fingerprint"],
+            sshd.client_key.fingerprint.as_str()
+        );
         assert_eq!(a.harness.current_release("web").as_deref(), Some("v1"));
     }
+
+    // Our own certificate expired: the agent refuses the TLS handshake, so
+    // it never saw the request: SSH.
+    pki.expired_client("ci-production-old");
+    let old_cert = inventory(
+        dir.path(),
+        "old-cert.toml",
+        &pki,
+        "ci-production-old",
+        &[HostEntry::new(
+            &y,
+            Some(ssh_inline(&sshd, &y, &sshd.known_hosts, Key::Env(KEY_VAR))),
+        )],
+        "",
+    );
+    let r = run_env(
+        &old_cert,
+        &["status", "--env", ENV, "--json"],
+        &[(KEY_VAR, key.as_str())],
+    );
+    r.expect_code(0);
+    let s: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("status JSON");
+    assert_eq!(s["hosts"][0]["via"]["transport"], "ssh", "{r}");
+    assert_eq!(s["hosts"][0]["via"]["served_by"], "daemon", "{r}");
+    assert_eq!(s["hosts"][0]["release"], "v1", "{r}");
+    eprintln!(
+        "our expired certificate: {}",
+        s["hosts"][0]["via"]["reason"]
+    );
 
     // --transport agent: the same unreachable agents are an error (exit 5),
     // and SSH is not even tried.
     let logins = sshd.accepted_logins();
     let r = run_env(
         &inv,
-        &["--transport", "agent", "deploy", "--env", ENV, "--release", "v2", "--var", "TAG=v2"],
+        &[
+            "--transport",
+            "agent",
+            "deploy",
+            "--env",
+            ENV,
+            "--release",
+            "v2",
+            "--var",
+            "TAG=v2",
+        ],
         &[(KEY_VAR, key.as_str())],
     );
     r.expect_code(5);
     assert!(r.stderr.contains("cannot reach its agent"), "{r}");
     assert!(!r.text().contains("falling back"), "{r}");
-    assert_eq!(sshd.accepted_logins(), logins, "no SSH with --transport agent");
-    assert_eq!(expired.harness.current_release("web").as_deref(), Some("v1"));
+    assert_eq!(
+        sshd.accepted_logins(),
+        logins,
+        "no SSH with --transport agent"
+    );
+    assert_eq!(
+        expired.harness.current_release("web").as_deref(),
+        Some("v1")
+    );
 
-    // --transport ssh without the key's variable: a clear error naming it.
+    // --transport ssh without the key's variable: a configuration error
+    // naming it.
     let r = run(&inv, &["--transport", "ssh", "status", "--env", ENV]);
-    assert_eq!(r.code, 5, "{r}");
-    assert!(r.text().contains(KEY_VAR) && r.text().contains("not set"), "{r}");
+    assert_eq!(r.code, 2, "{r}");
+    assert!(
+        r.text().contains(KEY_VAR) && r.text().contains("not set"),
+        "{r}"
+    );
 }
 
 /// Takes the environment lease on `agent` for another deployment, through
 /// its local socket (serve-stdio hands it to the daemon).
 fn hold_lease(agent: &Agent, deployment: &str) {
     let mut c = agent.harness.command(&["serve-stdio"]);
-    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = c.spawn().expect("spawn serve-stdio");
     let req = format!(
         "{{\"op\":\"lock\",\"request\":{{\"deployment_id\":\"{deployment}\",\"ttl_ms\":600000,\"purpose\":\"a long migration\"}},\"caller\":{{\"controller\":\"ci-other\"}}}}\n"
@@ -215,8 +289,18 @@ fn an_agent_that_answers_is_never_routed_around() {
     let pki = Pki::new();
     // `denying` grants this certificate nothing; `locked` is held by
     // another deployment.
-    let mut agents = start_agents(&pki, ENV, &["denying"], "\"ci-someone-else\" = \"deployer\"");
-    agents.extend(start_agents(&pki, ENV, &["locked"], "\"ci-production\" = \"deployer\""));
+    let mut agents = start_agents(
+        &pki,
+        ENV,
+        &["denying"],
+        "\"ci-someone-else\" = \"deployer\"",
+    );
+    agents.extend(start_agents(
+        &pki,
+        ENV,
+        &["locked"],
+        "\"ci-production\" = \"deployer\"",
+    ));
     let sshd = Sshd::start();
     let dir = tempfile::tempdir().expect("tempdir");
     fn entry<'a>(sshd: &Sshd, a: &'a Agent) -> HostEntry<'a> {
@@ -240,9 +324,15 @@ fn an_agent_that_answers_is_never_routed_around() {
     );
 
     // 403: reported as it is (exit 6), no SSH.
-    let r = run(&denying, &["deploy", "--env", ENV, "--release", "v1", "--var", "TAG=v1"]);
+    let r = run(
+        &denying,
+        &["deploy", "--env", ENV, "--release", "v1", "--var", "TAG=v1"],
+    );
     r.expect_code(6);
-    assert!(r.stderr.contains("mtls:ci-production") && r.stderr.contains("needs role deployer"), "{r}");
+    assert!(
+        r.stderr.contains("mtls:ci-production") && r.stderr.contains("needs role deployer"),
+        "{r}"
+    );
     assert!(!r.text().contains("SSH"), "{r}");
     let r = run(&denying, &["status", "--env", ENV, "--json"]);
     r.expect_code(6);
@@ -251,12 +341,23 @@ fn an_agent_that_answers_is_never_routed_around() {
 
     // 409 locked: reported as it is (exit 4, naming the holder), no SSH.
     hold_lease(&agents[1], "migration-42");
-    let r = run(&locked, &["deploy", "--env", ENV, "--release", "v1", "--var", "TAG=v1"]);
+    let r = run(
+        &locked,
+        &["deploy", "--env", ENV, "--release", "v1", "--var", "TAG=v1"],
+    );
     r.expect_code(4);
-    assert!(r.stderr.contains("migration-42") && r.stderr.contains("a long migration"), "{r}");
+    assert!(
+        r.stderr.contains("migration-42") && r.stderr.contains("a long migration"),
+        "{r}"
+    );
     assert!(!r.text().contains("SSH"), "{r}");
 
-    assert_eq!(sshd.accepted_logins(), 0, "an answer is never routed around:\n{}", sshd.log());
+    assert_eq!(
+        sshd.accepted_logins(),
+        0,
+        "an answer is never routed around:\n{}",
+        sshd.log()
+    );
     for a in &agents {
         assert_eq!(a.harness.current_release("web"), None, "host {}", a.name);
         assert!(a.harness.history("web").is_empty(), "host {}", a.name);
