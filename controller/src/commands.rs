@@ -304,17 +304,7 @@ pub async fn history(
         Err(code) => return code,
     };
     let answers = join_all(clients.iter().map(|c| c.history(&env.project))).await;
-    let mut all: Vec<(&str, HistoryEntry)> = Vec::new();
-    let mut code = exit::SUCCESS;
-    for (c, a) in clients.iter().zip(answers) {
-        match a {
-            Ok(h) => all.extend(h.into_iter().map(|e| (c.host.as_str(), e))),
-            Err(e) => {
-                eprintln!("error: {e}");
-                code = e.outcome().exit_code();
-            }
-        }
-    }
+    let (mut all, code) = merge(&clients, answers);
     all.sort_by(|a, b| b.1.started_at.cmp(&a.1.started_at).then(a.0.cmp(b.0)));
     all.truncate(limit);
     for (host, e) in &all {
@@ -343,6 +333,26 @@ pub async fn history(
     code
 }
 
+/// Every host's records, each tagged with its host; a host that could not
+/// answer is reported on stderr and sets the exit code, the others are kept.
+fn merge<T>(
+    clients: &[AgentClient],
+    answers: Vec<Result<Vec<T>, CallError>>,
+) -> (Vec<(&str, T)>, i32) {
+    let mut all = Vec::new();
+    let mut code = exit::SUCCESS;
+    for (c, a) in clients.iter().zip(answers) {
+        match a {
+            Ok(records) => all.extend(records.into_iter().map(|r| (c.host.as_str(), r))),
+            Err(e) => {
+                eprintln!("error: {e}");
+                code = e.outcome().exit_code();
+            }
+        }
+    }
+    (all, code)
+}
+
 #[derive(Serialize)]
 struct HostAudit<'a> {
     host: &'a str,
@@ -364,17 +374,7 @@ pub async fn audit(
     };
     let project = (!all_projects).then_some(env.project.as_str());
     let answers = join_all(clients.iter().map(|c| c.audit(project, limit))).await;
-    let mut all: Vec<(&str, AuditRecord)> = Vec::new();
-    let mut code = exit::SUCCESS;
-    for (c, a) in clients.iter().zip(answers) {
-        match a {
-            Ok(r) => all.extend(r.into_iter().map(|r| (c.host.as_str(), r))),
-            Err(e) => {
-                eprintln!("error: {e}");
-                code = e.outcome().exit_code();
-            }
-        }
-    }
+    let (mut all, code) = merge(&clients, answers);
     all.sort_by(|a, b| a.1.ts.cmp(&b.1.ts).then(a.0.cmp(b.0)));
     for (host, r) in &all {
         if json {

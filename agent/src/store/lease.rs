@@ -87,18 +87,21 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
     })
 }
 
+/// The lease row of `environment`, on a connection or in a transaction.
+fn lease_row(conn: &rusqlite::Connection, environment: &str) -> rusqlite::Result<Option<Lease>> {
+    conn.query_row(
+        &format!("SELECT {COLUMNS} FROM leases WHERE environment = ?1"),
+        [environment],
+        from_row,
+    )
+    .optional()
+}
+
 impl Store {
     /// The lease row of `environment`, expired or not.
     pub fn lease(&self, environment: &str) -> Result<Option<Lease>, StoreError> {
         const OP: &str = "reading the environment lease";
-        self.conn()
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM leases WHERE environment = ?1"),
-                [environment],
-                from_row,
-            )
-            .optional()
-            .map_err(self.sql(OP))
+        lease_row(&self.conn(), environment).map_err(self.sql(OP))
     }
 
     /// The lease of `environment` if it is in force at `now`.
@@ -127,14 +130,7 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sql(OP))?;
-        let existing: Option<Lease> = tx
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM leases WHERE environment = ?1"),
-                [environment],
-                from_row,
-            )
-            .optional()
-            .map_err(self.sql(OP))?;
+        let existing = lease_row(&tx, environment).map_err(self.sql(OP))?;
         let (acquired_at, took_over, extended) = match existing {
             Some(l) if same_owner(&l, deployment_id, identity) => (l.acquired_at, None, true),
             Some(l) if !expired(&l, now) => return Err(LeaseError::Held(Box::new(l))),
@@ -190,14 +186,7 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sql(OP))?;
-        let existing: Option<Lease> = tx
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM leases WHERE environment = ?1"),
-                [environment],
-                from_row,
-            )
-            .optional()
-            .map_err(self.sql(OP))?;
+        let existing = lease_row(&tx, environment).map_err(self.sql(OP))?;
         let mut lease = match existing {
             Some(l) if same_owner(&l, deployment_id, identity) => l,
             current => {
@@ -231,14 +220,7 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sql(OP))?;
-        let existing: Option<Lease> = tx
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM leases WHERE environment = ?1"),
-                [environment],
-                from_row,
-            )
-            .optional()
-            .map_err(self.sql(OP))?;
+        let existing = lease_row(&tx, environment).map_err(self.sql(OP))?;
         match existing {
             None => Ok(None),
             Some(l) if same_owner(&l, deployment_id, identity) => {
@@ -282,14 +264,7 @@ impl Store {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(self.sql(OP))?;
-            let existing: Option<Lease> = tx
-                .query_row(
-                    &format!("SELECT {COLUMNS} FROM leases WHERE environment = ?1"),
-                    [environment],
-                    from_row,
-                )
-                .optional()
-                .map_err(self.sql(OP))?;
+            let existing = lease_row(&tx, environment).map_err(self.sql(OP))?;
             if let Some(mut lease) = existing.filter(|l| same_owner(l, deployment_id, from)) {
                 lease.identity = to.to_string();
                 lease.expires_at = ts(plus(now, ttl));
