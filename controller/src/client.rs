@@ -78,10 +78,9 @@ pub enum CallError {
         host: String,
         addr: String,
         message: String,
-        /// The request never reached the agent's HTTP layer (connection
-        /// refused, connect timeout, TLS handshake refused): the only case
-        /// where the SSH fallback applies.
-        undelivered: bool,
+        /// Whether the agent may have seen the request: the SSH fallback
+        /// applies only when it cannot have.
+        delivery: Delivery,
     },
     /// The host could not be reached over SSH either (or `--transport ssh`
     /// failed): host key refused, authentication, connection, or
@@ -128,40 +127,74 @@ impl CallError {
         }
     }
 
-    /// Whether the SSH fallback may take over: the agent never saw the request.
-    pub fn undelivered(&self) -> bool {
-        matches!(
-            self,
-            CallError::Unreachable {
-                undelivered: true,
-                ..
-            }
-        )
+    /// Whether the agent may have seen the request (see [`Delivery`]).
+    pub fn delivery(&self) -> Delivery {
+        match self {
+            CallError::Unreachable { delivery, .. } => *delivery,
+            _ => Delivery::Possible,
+        }
     }
 }
 
-/// Whether a reqwest error means the request never reached the agent's
-/// HTTP layer: the TCP connection was refused or timed out, or the TLS
-/// handshake failed on either side (an expired, unknown or wrong
-/// certificate: the agent's rustls refuses it before any HTTP is read).
-fn undelivered(e: &reqwest::Error) -> bool {
+/// What a failed HTTPS call tells of whether the agent saw the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// It never reached the agent's HTTP layer: the connection was refused
+    /// or timed out, or the TLS handshake was refused on either side. The
+    /// SSH fallback applies.
+    Never,
+    /// The connection closed with no answer, while or right after the
+    /// request was sent. With TLS 1.3 this is also how an agent refusing
+    /// our certificate can look (it closes after the handshake, racing our
+    /// first write), so another request tells: no answer again means the
+    /// agent cannot be reached (SSH); an answer means it is up and this
+    /// error stands.
+    Lost,
+    /// The agent may have acted on it (an answer came, or a timeout while
+    /// waiting for one): never routed around.
+    Possible,
+}
+
+/// What a reqwest error tells of whether the agent saw the request.
+fn delivery(e: &reqwest::Error) -> Delivery {
     if e.is_connect() {
-        return true;
+        return Delivery::Never;
     }
-    // The agent closed the connection right after the handshake (TLS 1.3:
-    // it refused our certificate after we sent it, e.g. expired): hyper
-    // dropped the request before processing it ("canceled").
+    let chain = error_chain(e);
+    if chain.contains("received fatal alert") || chain.contains("invalid peer certificate") {
+        return Delivery::Never;
+    }
+    let mut lost = false;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
+        // hyper dropped the request before sending it: the connection was
+        // already closed (TLS 1.3: the agent refused our certificate).
         if s.downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_canceled)
         {
-            return true;
+            return Delivery::Never;
         }
+        let closed = |io: &std::io::Error| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        };
+        lost |= s.downcast_ref::<std::io::Error>().is_some_and(closed)
+            || s.downcast_ref::<h2::Error>()
+                .and_then(h2::Error::get_io)
+                .is_some_and(closed)
+            || s.downcast_ref::<hyper::Error>()
+                .is_some_and(|h| h.is_incomplete_message() || h.is_closed());
         source = s.source();
     }
-    let chain = error_chain(e);
-    chain.contains("received fatal alert") || chain.contains("invalid peer certificate")
+    if lost {
+        Delivery::Lost
+    } else {
+        Delivery::Possible
+    }
 }
 
 /// A reqwest client with the environment's client certificate and CA.
@@ -256,7 +289,7 @@ impl AgentClient {
             host: self.host.clone(),
             addr: self.addr.clone(),
             message: error_chain(e),
-            undelivered: undelivered(e),
+            delivery: delivery(e),
         }
     }
 
@@ -266,7 +299,7 @@ impl AgentClient {
             host: self.host.clone(),
             addr: self.addr.clone(),
             message: error_chain(e),
-            undelivered: false,
+            delivery: Delivery::Possible,
         }
     }
 
@@ -745,17 +778,25 @@ impl AgentClient {
     }
 
     /// After a failed call to the agent: whether to carry on over SSH.
-    fn fall_back(&self, e: &CallError) -> bool {
-        if self.route.transport != Transport::Auto || !e.undelivered() {
+    async fn fall_back(&self, e: &CallError) -> bool {
+        if self.route.transport != Transport::Auto {
             return false;
         }
         let Some(ssh) = &self.route.ssh else {
             return false;
         };
-        let reason = match e {
+        let mut reason = match e {
             CallError::Unreachable { message, .. } => message.clone(),
             other => other.to_string(),
         };
+        match e.delivery() {
+            Delivery::Never => {}
+            Delivery::Possible => return false,
+            Delivery::Lost => match self.probe().await {
+                Some(again) => reason = format!("{reason}; then {again}"),
+                None => return false,
+            },
+        }
         let first = self.route.with_state(|s| {
             let first = s.on_ssh.is_none();
             s.on_ssh = Some(reason.clone());
@@ -774,6 +815,23 @@ impl AgentClient {
             ));
         }
         true
+    }
+
+    /// Asks the agent anything, after a connection that closed with no
+    /// answer: `None` if it answers (it is up, so the failed call is not
+    /// routed around), else why it did not.
+    async fn probe(&self) -> Option<String> {
+        let sent = self
+            .http
+            .get(self.url("/v1/lock"))
+            .timeout(self.route.connect_timeout + Duration::from_secs(2))
+            .send()
+            .await;
+        match sent {
+            Ok(_) => None,
+            Err(e) if delivery(&e) != Delivery::Possible => Some(error_chain(&e)),
+            Err(_) => None,
+        }
     }
 
     fn ssh_error(&self, message: String, agent: Option<&CallError>) -> CallError {
@@ -831,7 +889,7 @@ impl AgentClient {
         }
         match agent().await {
             Ok(v) => Ok((v, Via::Agent)),
-            Err(e) if self.fall_back(&e) => self
+            Err(e) if self.fall_back(&e).await => self
                 .ssh_call(op, request, timeout, Some(&e))
                 .await
                 .map(|v| (v, Via::Ssh)),
@@ -852,7 +910,7 @@ impl AgentClient {
                 .await;
         }
         match self.operation(path, req, &mut on_event).await {
-            Err(e) if self.fall_back(&e) => {
+            Err(e) if self.fall_back(&e).await => {
                 self.ssh_operation(op, to_value(req), &mut on_event, Some(&e))
                     .await
             }
