@@ -279,6 +279,32 @@ impl AgentClient {
         }
     }
 
+    fn with_route(
+        host: &Host,
+        http: reqwest::Client,
+        transport: Transport,
+        env: &Environment,
+        opts: &TransportOptions,
+        identity: Option<String>,
+        notice: &Notice,
+    ) -> AgentClient {
+        AgentClient {
+            host: host.name.clone(),
+            addr: host.agent.clone(),
+            http,
+            route: Arc::new(Route {
+                transport,
+                ssh: host.ssh.clone(),
+                accept_new: opts.accept_new_host_keys,
+                connect_timeout: env.connect_timeout,
+                identity,
+                notice: Some(notice.clone()),
+                session: tokio::sync::Mutex::new(None),
+                state: Mutex::new(RouteState::default()),
+            }),
+        }
+    }
+
     fn url(&self, path_and_query: &str) -> String {
         format!("https://{}{path_and_query}", self.addr)
     }
@@ -686,13 +712,45 @@ pub fn certificate_identity(cert: &Path) -> Option<String> {
 
 /// The clients of `env`'s hosts, with the certificate `tls` and the
 /// transport `opts`. Checks that `--transport ssh` has SSH details for
-/// every host.
+/// every host. Without a certificate every host is reached over SSH (the
+/// inventory made sure each has SSH details).
 pub fn clients(
     env: &Environment,
-    tls: &TlsFiles,
+    tls: Option<&TlsFiles>,
     opts: &TransportOptions,
     notice: Notice,
 ) -> Result<Vec<AgentClient>, String> {
+    let Some(tls) = tls else {
+        if opts.transport == Transport::Agent {
+            return Err(format!(
+                "--transport agent: environment {} has no client certificate for the agents' HTTPS API; \
+                 add `[environments.{}.tls]` (or a top-level `[tls]`) with ca, cert and key",
+                env.name, env.name
+            ));
+        }
+        let http = reqwest::Client::builder()
+            .build()
+            .map_err(|e| error_chain(&e))?;
+        return Ok(env
+            .hosts
+            .iter()
+            .map(|h| {
+                let c = AgentClient::with_route(
+                    h,
+                    http.clone(),
+                    Transport::Ssh,
+                    env,
+                    opts,
+                    None,
+                    &notice,
+                );
+                c.route.with_state(|s| {
+                    s.on_ssh = Some("the inventory has no client certificate: SSH only".into())
+                });
+                c
+            })
+            .collect());
+    };
     if opts.transport == Transport::Ssh {
         let missing: Vec<&str> = env
             .hosts
@@ -721,20 +779,16 @@ pub fn clients(
     Ok(env
         .hosts
         .iter()
-        .map(|h| AgentClient {
-            host: h.name.clone(),
-            addr: h.agent.clone(),
-            http: http.clone(),
-            route: Arc::new(Route {
-                transport: opts.transport,
-                ssh: h.ssh.clone(),
-                accept_new: opts.accept_new_host_keys,
-                connect_timeout: env.connect_timeout,
-                identity: identity.clone(),
-                notice: Some(notice.clone()),
-                session: tokio::sync::Mutex::new(None),
-                state: Mutex::new(RouteState::default()),
-            }),
+        .map(|h| {
+            AgentClient::with_route(
+                h,
+                http.clone(),
+                opts.transport,
+                env,
+                opts,
+                identity.clone(),
+                &notice,
+            )
         })
         .collect())
 }
@@ -750,7 +804,7 @@ impl AgentClient {
             .route
             .with_state(|s| (s.on_ssh.clone(), s.served_by.clone()));
         match (self.route.transport, on_ssh) {
-            (Transport::Ssh, _) => RouteReport {
+            (Transport::Ssh, None) => RouteReport {
                 transport: "ssh",
                 reason: Some("--transport ssh".into()),
                 served_by,

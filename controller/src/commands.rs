@@ -24,7 +24,7 @@ fn setup(
     })?;
     // issue 5: a host reached over SSH is said so on stderr.
     let notice: Notice = std::sync::Arc::new(|m: &str| eprintln!("warning: {m}"));
-    let clients = client::clients(env, &env.tls, transport, notice).map_err(|e| {
+    let clients = client::clients(env, env.tls.as_ref(), transport, notice).map_err(|e| {
         eprintln!("error: {e}");
         exit::CONFIG
     })?;

@@ -65,7 +65,7 @@ fn make_clients(
         let out = out.clone();
         Arc::new(move |m: &str| out.warn(m))
     };
-    client::clients(env, &env.tls, transport, notice)
+    client::clients(env, env.tls.as_ref(), transport, notice)
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -398,7 +398,9 @@ pub struct Environment {
     pub project: String,
     /// The compose file (absolute or relative to the working directory).
     pub compose: PathBuf,
-    pub tls: TlsFiles,
+    /// The client certificate for the agents' HTTPS API; `None`: every
+    /// host is reached over SSH.
+    pub tls: Option<TlsFiles>,
     pub promote_from: Option<String>,
     pub observation: Option<Duration>,
     pub lock_ttl: Duration,
@@ -475,17 +477,16 @@ impl Inventory {
                     "`{at}`: the name must be 1-64 characters of letters, digits, `-`, `_` and `.`"
                 )));
             }
-            let tls = e.tls.clone().or_else(|| raw.tls.clone()).ok_or_else(|| {
-                invalid(format!(
-                    "`{at}` has no client certificate: add `[{at}.tls]` (or a top-level `[tls]`) with ca, cert and key \
-                     (`deploy-controller pki issue --kind client` makes them)"
-                ))
-            })?;
-            let tls = TlsFiles {
-                ca: resolve(&tls.ca),
-                cert: resolve(&tls.cert),
-                key: resolve(&tls.key),
-            };
+            // No client certificate: the environment is reached over SSH only.
+            let tls = e
+                .tls
+                .clone()
+                .or_else(|| raw.tls.clone())
+                .map(|tls| TlsFiles {
+                    ca: resolve(&tls.ca),
+                    cert: resolve(&tls.cert),
+                    key: resolve(&tls.key),
+                });
             if e.hosts.is_empty() {
                 return Err(invalid(format!(
                     "`{at}` has no hosts: add [[{at}.hosts]] with name and agent"
@@ -524,6 +525,14 @@ impl Inventory {
                         Some(ssh_settings(&merged, &agent, &sat, &resolve).map_err(invalid)?)
                     }
                 };
+                if tls.is_none() && ssh.is_none() {
+                    return Err(invalid(format!(
+                        "`{hat}` (host {}) cannot be reached: `{at}` has no client certificate for the agents' HTTPS API \
+                         and the host has no `ssh` table; add `[{at}.tls]` (or a top-level `[tls]`) with ca, cert and key \
+                         (`deploy-controller pki issue --kind client` makes them), or an `ssh` table to the host or the environment",
+                        h.name
+                    )));
+                }
                 hosts.push(Host {
                     name: h.name.clone(),
                     agent,
@@ -769,14 +778,18 @@ agent = "p2:7443"
     fn a_full_inventory() {
         let inv = parse(GOOD).unwrap();
         let s = inv.environment("staging").unwrap();
-        assert_eq!(s.tls.ca, PathBuf::from("/etc/deploy/pki/ca.pem"));
+        assert_eq!(
+            s.tls.as_ref().unwrap().ca,
+            PathBuf::from("/etc/deploy/pki/ca.pem")
+        );
         assert_eq!(s.compose, PathBuf::from("/etc/deploy/compose.yml"));
         assert_eq!(s.strategy.canary, Canary::Count(1));
         assert_eq!(s.strategy.batch, Batch::Count(1));
         assert_eq!(s.lock_ttl, DEFAULT_LOCK_TTL);
         let p = inv.environment("production").unwrap();
-        assert_eq!(p.tls.ca, PathBuf::from("/etc/ca.pem"));
-        assert_eq!(p.tls.cert, PathBuf::from("/etc/deploy/prod.pem"));
+        let tls = p.tls.as_ref().unwrap();
+        assert_eq!(tls.ca, PathBuf::from("/etc/ca.pem"));
+        assert_eq!(tls.cert, PathBuf::from("/etc/deploy/prod.pem"));
         assert_eq!(p.compose, PathBuf::from("/srv/compose.yml"));
         assert_eq!(p.promote_from.as_deref(), Some("staging"));
         assert_eq!(p.observation, Some(Duration::from_secs(120)));
@@ -799,6 +812,28 @@ agent = "p2:7443"
         assert_eq!(v["PORT"], "8080");
         assert_eq!(v["DOMAIN"], "x");
         assert_eq!(p.vars_for(&p.hosts[1], &BTreeMap::new())["PORT"], "80");
+    }
+
+    #[test]
+    fn without_a_certificate_every_host_needs_ssh() {
+        let ssh_only = "[environments.a]\nproject = \"p\"\ncompose = \"c\"\n\
+            ssh = { user = \"deploy\", key = \"k\", known_hosts = \"kh\" }\n\
+            [[environments.a.hosts]]\nname = \"h\"\nagent = \"h:7443\"\n";
+        let inv = parse(ssh_only).unwrap();
+        let a = inv.environment("a").unwrap();
+        assert_eq!(a.tls, None);
+        assert_eq!(a.hosts[0].ssh.as_ref().unwrap().address, "h");
+        let one_without = format!(
+            "{ssh_only}[[environments.a.hosts]]\nname = \"g\"\nagent = \"g:7443\"\nssh = {{ user = \"x\" }}\n\
+             [environments.b]\nproject = \"p\"\ncompose = \"c\"\n[[environments.b.hosts]]\nname = \"z\"\nagent = \"z:7443\"\n"
+        );
+        let e = parse(&one_without).unwrap_err().to_string();
+        assert!(
+            e.contains("environments.b.hosts[0]")
+                && e.contains("host z")
+                && e.contains("no client certificate"),
+            "{e}"
+        );
     }
 
     #[test]

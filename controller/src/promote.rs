@@ -40,17 +40,21 @@ pub async fn source_digests(
         code: exit::CONFIG,
         message: format!("--promote-from: {e}"),
     })?;
-    let tls = TlsFiles {
-        ca: src.tls.ca.clone(),
-        cert: target.tls.cert.clone(),
-        key: target.tls.key.clone(),
+    // Our certificate for the source's CA; SSH when either has none.
+    let tls = match (&src.tls, &target.tls) {
+        (Some(s), Some(t)) => Some(TlsFiles {
+            ca: s.ca.clone(),
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+        }),
+        _ => None,
     };
     let notice: Notice = {
         let out = out.clone();
         std::sync::Arc::new(move |m: &str| out.warn(m))
     };
     let clients: Vec<AgentClient> =
-        client::clients(src, &tls, transport, notice).map_err(|message| Refused {
+        client::clients(src, tls.as_ref(), transport, notice).map_err(|message| Refused {
             code: exit::CONFIG,
             message,
         })?;

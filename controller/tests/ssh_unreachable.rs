@@ -215,6 +215,68 @@ fn an_expired_certificate_or_a_silent_port_falls_back_to_ssh() {
         s["hosts"][0]["via"]["reason"]
     );
 
+    // No client certificate at all: the inventory is SSH only (the team
+    // that used to `ssh host deploy.sh`). Status and a deploy go over SSH;
+    // --transport agent is a configuration error naming what is missing.
+    let text = std::fs::read_to_string(&old_cert).expect("read the inventory");
+    let ssh_only = dir.path().join("ssh-only.toml");
+    let without_tls = text
+        .split_once("\n[environments.")
+        .map(|(_, rest)| format!("[environments.{rest}"))
+        .expect("the inventory has an environment");
+    assert!(!without_tls.contains("[tls]"), "{without_tls}");
+    std::fs::write(&ssh_only, without_tls).expect("write the inventory");
+    let r = run_env(
+        &ssh_only,
+        &["status", "--env", ENV, "--json"],
+        &[(KEY_VAR, key.as_str())],
+    );
+    r.expect_code(0);
+    let s: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("status JSON");
+    assert_eq!(s["hosts"][0]["via"]["transport"], "ssh", "{r}");
+    assert!(
+        s["hosts"][0]["via"]["reason"]
+            .as_str()
+            .is_some_and(|m| m.contains("no client certificate")),
+        "{r}"
+    );
+    assert_eq!(s["hosts"][0]["release"], "v1", "{r}");
+    let r = run_env(
+        &ssh_only,
+        &[
+            "deploy",
+            "--env",
+            ENV,
+            "--release",
+            "v2",
+            "--var",
+            "TAG=v2",
+            "--json",
+        ],
+        &[(KEY_VAR, key.as_str())],
+    );
+    r.expect_code(0);
+    assert_eq!(
+        summary_hosts(&r.summary()),
+        vec![("y".into(), "v2".into(), "ssh".into())],
+        "{r}"
+    );
+    let r = run_env(
+        &ssh_only,
+        &["rollback", "--env", ENV, "--json"],
+        &[(KEY_VAR, key.as_str())],
+    );
+    r.expect_code(0);
+    assert_eq!(y.harness.current_release("web").as_deref(), Some("v1"));
+    let logins = sshd.accepted_logins();
+    let r = run(&ssh_only, &["--transport", "agent", "status", "--env", ENV]);
+    r.expect_code(2);
+    assert!(
+        r.stderr.contains("no client certificate") && r.stderr.contains("[tls]"),
+        "{r}"
+    );
+    assert_eq!(sshd.accepted_logins(), logins, "nothing was contacted");
+
     // --transport agent: the same unreachable agents are an error (exit 5),
     // and SSH is not even tried.
     let logins = sshd.accepted_logins();
