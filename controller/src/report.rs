@@ -30,7 +30,8 @@ pub struct Reporter {
 }
 
 fn now() -> String {
-    format!("{:.0}", jiff::Timestamp::now())
+    // Milliseconds: fleet steps of one wave land within a few of them.
+    format!("{:.3}", jiff::Timestamp::now())
 }
 
 impl Reporter {

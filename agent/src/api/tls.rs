@@ -196,6 +196,11 @@ impl TlsApi {
                         continue;
                     }
                 };
+                // Progress events are small writes streamed one by one: with
+                // Nagle on, each waits for the controller's delayed ACK (~40 ms).
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!("HTTPS API: TCP_NODELAY on {remote}: {e}");
+                }
                 let acceptor = self.acceptor.clone();
                 let app = app.clone();
                 let authz = self.authz.clone();
