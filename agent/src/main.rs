@@ -39,7 +39,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// The data path: owns the published ports (run it as its own service).
-    Proxy,
+    /// SIGHUP (`systemctl reload deploy-proxy`) starts the binary again with
+    /// --take-over: the upgraded proxy takes the listening sockets over
+    /// and this one exits once its open connections are done.
+    Proxy {
+        /// Take the listening sockets over from the proxy running on this
+        /// state directory, instead of binding them.
+        #[arg(long)]
+        take_over: bool,
+    },
     /// The control daemon: local API on STATE_DIR/agent.sock, reconciliation.
     Run,
     /// Deploy a release of a compose project.
@@ -187,7 +195,7 @@ fn load_config(path: Option<&Path>) -> Result<AgentConfig, i32> {
 }
 
 async fn real_main(cli: Cli) -> anyhow::Result<i32> {
-    let service = matches!(cli.cmd, Cmd::Proxy | Cmd::Run);
+    let service = matches!(cli.cmd, Cmd::Proxy { .. } | Cmd::Run);
     init_logging(service);
     // issue 5: the SSH transport reads its own config only if no daemon
     // answers, and reports every error as a JSON line.
@@ -216,8 +224,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(exit::SUCCESS)
         }
-        Cmd::Proxy => {
-            proxy::run(&state_dir, shutdown_signal())
+        Cmd::Proxy { take_over } => {
+            let options = proxy::Options {
+                take_over,
+                successor: successor_command(),
+            };
+            proxy::run_with(&state_dir, options, upgrade_requests(), shutdown_signal())
                 .await
                 .context("the proxy stopped")?;
             Ok(exit::SUCCESS)
@@ -463,6 +475,44 @@ where
             Some(e) = rx.recv() => printer.event(e),
         }
     }
+}
+
+/// This very command line plus `--take-over`, from the path the binary was
+/// started from: after a package upgrade that path holds the new binary.
+fn successor_command() -> Option<proxy::Successor> {
+    let program = match std::env::current_exe() {
+        Ok(program) => program,
+        Err(err) => {
+            tracing::warn!(
+                "cannot find this binary's path ({err}): SIGHUP will not upgrade the proxy"
+            );
+            return None;
+        }
+    };
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if !args.iter().any(|arg| arg == "--take-over") {
+        args.push("--take-over".into());
+    }
+    Some(proxy::Successor { program, args })
+}
+
+/// One message per SIGHUP.
+fn upgrade_requests() -> tokio::sync::mpsc::Receiver<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    let _ = tx.try_send(());
+                }
+            });
+        }
+        Err(err) => {
+            tracing::warn!("cannot handle SIGHUP ({err}): the proxy cannot be upgraded in place")
+        }
+    }
+    rx
 }
 
 async fn shutdown_signal() {

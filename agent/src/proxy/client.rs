@@ -9,7 +9,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use super::protocol::{ControlRequest, ControlResponse, ProxyStatus, Route};
-use super::{CLIENT_TIMEOUT, DRAIN_POLL_INTERVAL, ProxyError};
+use super::{
+    CLIENT_TIMEOUT, DRAIN_POLL_INTERVAL, HANDOVER_RETRIES, HANDOVER_RETRY_PAUSE, ProxyError,
+};
 
 /// Talks to a running proxy over its control socket, one connection per
 /// call. Every call is bounded by a timeout, so a wedged proxy makes the
@@ -103,8 +105,35 @@ impl ProxyClient {
     }
 
     /// Sends one request and reads its answer, within the client timeout.
+    ///
+    /// While a proxy hands over to its successor, a request can reach the
+    /// old one as it stops: it answers `HandedOver`, or closes the
+    /// connection unanswered, having done nothing. Such a request is sent
+    /// again (every request is idempotent), and reaches the successor.
     async fn call(&self, request: &ControlRequest) -> Result<ControlResponse, ProxyError> {
-        match tokio::time::timeout(self.timeout, self.exchange(request)).await {
+        let attempts = async {
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match self.exchange(request).await {
+                    Ok(ControlResponse::HandedOver { .. }) | Err(ProxyError::Unanswered { .. })
+                        if tries < HANDOVER_RETRIES =>
+                    {
+                        tokio::time::sleep(HANDOVER_RETRY_PAUSE).await;
+                    }
+                    Ok(ControlResponse::HandedOver { pid }) => {
+                        return Err(ProxyError::Protocol {
+                            detail: format!(
+                                "the proxy on {} keeps answering that it handed over to process {pid}",
+                                self.socket.display()
+                            ),
+                        });
+                    }
+                    other => return other,
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, attempts).await {
             Ok(result) => result,
             Err(_) => Err(ProxyError::Timeout {
                 socket: self.socket.clone(),
@@ -134,11 +163,8 @@ impl ProxyClient {
             .await
             .map_err(|err| self.io_error("cannot read the answer from", err))?;
         if read == 0 {
-            return Err(ProxyError::Protocol {
-                detail: format!(
-                    "the proxy on {} closed the connection without answering",
-                    self.socket.display()
-                ),
+            return Err(ProxyError::Unanswered {
+                socket: self.socket.clone(),
             });
         }
         serde_json::from_str(&answer).map_err(|err| ProxyError::Protocol {

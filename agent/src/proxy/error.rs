@@ -46,6 +46,30 @@ pub enum ProxyError {
     )]
     AlreadyRunning { socket: PathBuf },
 
+    /// The proxy closed the control connection without answering (it was
+    /// stopping, or handing over to a successor).
+    #[error(
+        "the proxy on {} closed the connection without answering: check `journalctl -u deploy-proxy`",
+        socket.display()
+    )]
+    Unanswered { socket: PathBuf },
+
+    /// `deploy-agent proxy --take-over` found no proxy to take over from.
+    #[error(
+        "nothing to take over: no proxy answers on {}; start it without --take-over",
+        socket.display()
+    )]
+    NothingToTakeOver {
+        socket: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The running proxy refused or broke off the handover; it keeps
+    /// serving, and this process exits without having served anything.
+    #[error("the running proxy did not hand over its listeners: {detail}")]
+    HandoverFailed { detail: String },
+
     /// A file or socket operation failed; `context` says which.
     #[error("{context}: {source}")]
     Io {

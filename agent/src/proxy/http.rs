@@ -11,6 +11,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
@@ -41,6 +42,9 @@ pub(crate) struct HttpContext {
     pub(crate) table: Arc<ArcSwap<RouteTable>>,
     pub(crate) bind: SocketAddr,
     pub(crate) peer: SocketAddr,
+    /// Set when a successor proxy took the listener over: HTTP/1 responses
+    /// then carry `Connection: close` (HTTP/2 clients get a GOAWAY instead).
+    pub(crate) closing: Arc<AtomicBool>,
 }
 
 /// The service function: never fails, errors become 4xx/5xx responses.
@@ -48,7 +52,14 @@ pub(crate) async fn serve_request(
     req: Request<Incoming>,
     ctx: HttpContext,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    Ok(forward(req, &ctx).await)
+    let http1 = req.version() <= Version::HTTP_11;
+    let mut response = forward(req, &ctx).await;
+    if http1 && ctx.closing.load(Ordering::SeqCst) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
 }
 
 /// The request, cleaned up for the backend, minus the URI's authority (which

@@ -5,10 +5,17 @@
 //! `JoinSet` owned by the loop: when the loop is told to stop it closes the
 //! listening socket first (so a new listener can take the address), then lets
 //! the open connections finish; aborting the loop's task aborts them all.
+//!
+//! Each running listener keeps a duplicate of its socket's descriptor, so
+//! that a successor proxy can be handed the very same listening socket
+//! (`super::handover`): connections waiting in its accept queue are then
+//! accepted by the successor instead of being refused.
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -42,35 +49,63 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(1024)
 }
 
+/// How a listener stops.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Stop {
+    /// The route is gone or the proxy stops: idle keep-alive connections
+    /// close at once, busy ones after their current request.
+    Now,
+    /// A successor took the socket over: every HTTP/1 response from now on
+    /// says `Connection: close`, so clients leave for the successor between
+    /// requests, never in the middle of sending one; connections still open
+    /// after this long are then closed as with [`Stop::Now`].
+    HandedOver(Duration),
+}
+
 /// A listener whose accept loop is running.
 #[derive(Debug)]
 pub(crate) struct RunningListener {
-    stop: oneshot::Sender<()>,
+    stop: oneshot::Sender<Stop>,
     closed: oneshot::Receiver<()>,
     task: JoinHandle<()>,
+    /// A duplicate of the listening socket's descriptor, for a successor.
+    socket: OwnedFd,
 }
 
 impl RunningListener {
     /// Starts accepting connections on `listener`, routing them by `table`.
+    /// Fails only if the socket's descriptor cannot be duplicated (out of
+    /// file descriptors).
     pub(crate) fn spawn(
         listener: TcpListener,
         bind: SocketAddr,
         table: Arc<ArcSwap<RouteTable>>,
-    ) -> Self {
+    ) -> io::Result<Self> {
+        let socket = listener.as_fd().try_clone_to_owned()?;
         let (stop_tx, stop_rx) = oneshot::channel();
         let (closed_tx, closed_rx) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, bind, table, stop_rx, closed_tx));
-        RunningListener {
+        Ok(RunningListener {
             stop: stop_tx,
             closed: closed_rx,
             task,
-        }
+            socket,
+        })
     }
 
-    /// Stops accepting. Returns once the listening socket is closed, with the
-    /// task that finishes when the open connections have.
-    pub(crate) async fn stop(self) -> JoinHandle<()> {
-        let _ = self.stop.send(());
+    /// The listening socket, as a successor proxy receives it.
+    pub(crate) fn socket(&self) -> &OwnedFd {
+        &self.socket
+    }
+
+    /// Stops accepting. Returns once this process no longer holds the
+    /// listening socket, with the task that finishes when the open
+    /// connections have.
+    pub(crate) async fn stop(self, how: Stop) -> JoinHandle<()> {
+        // Our duplicate first: once the loop drops its own, the address is
+        // free (or the successor's alone).
+        drop(self.socket);
+        let _ = self.stop.send(how);
         // An error means the loop is gone already, socket included.
         let _ = self.closed.await;
         self.task
@@ -81,7 +116,7 @@ async fn accept_loop(
     listener: TcpListener,
     bind: SocketAddr,
     table: Arc<ArcSwap<RouteTable>>,
-    mut stop: oneshot::Receiver<()>,
+    mut stop: oneshot::Receiver<Stop>,
     closed: oneshot::Sender<()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -90,11 +125,12 @@ async fn accept_loop(
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
+    let closing = Arc::new(AtomicBool::new(false));
 
     tracing::info!(%bind, "listening");
-    loop {
+    let how = loop {
         tokio::select! {
-            _ = &mut stop => break,
+            how = &mut stop => break how.unwrap_or(Stop::Now),
             Some(finished) = connections.join_next() => {
                 if let Err(err) = finished
                     && err.is_panic()
@@ -107,7 +143,12 @@ async fn accept_loop(
                     let mode = table.load().mode;
                     match mode {
                         ProxyMode::Http => {
-                            let ctx = HttpContext { table: Arc::clone(&table), bind, peer };
+                            let ctx = HttpContext {
+                                table: Arc::clone(&table),
+                                bind,
+                                peer,
+                                closing: Arc::clone(&closing),
+                            };
                             let watcher = graceful.watcher();
                             let builder = builder.clone();
                             connections.spawn(async move {
@@ -125,11 +166,18 @@ async fn accept_loop(
                 }
             },
         }
-    }
+    };
 
     drop(listener);
     let _ = closed.send(());
     tracing::info!(%bind, open = connections.len(), "stopped listening; letting open connections finish");
+    if let Stop::HandedOver(patience) = how {
+        closing.store(true, Ordering::SeqCst);
+        let finished = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(patience, finished).await.is_err() {
+            tracing::info!(%bind, open = connections.len(), "connections still open after {patience:?}; closing the idle ones");
+        }
+    }
     // Idle keep-alive connections close now, busy ones after their current
     // request; TCP splices run until either side closes.
     let drain_http = graceful.shutdown();

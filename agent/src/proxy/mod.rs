@@ -12,12 +12,15 @@
 //! - `http`, `tcp` — forwarding in each mode.
 //! - `routes` — the lock-free route table and its counters.
 //! - `persist` — `proxy-routes.json`.
+//! - `handover` — a successor proxy takes the listening sockets over, so
+//!   the proxy itself is upgraded without refusing a connection.
 //! - `client` — [`ProxyClient`], used by the daemon.
 
 use std::time::Duration;
 
 mod client;
 mod error;
+mod handover;
 mod http;
 mod listener;
 mod persist;
@@ -30,7 +33,7 @@ mod tests;
 
 pub use client::ProxyClient;
 pub use error::ProxyError;
-pub use server::run;
+pub use server::{Options, Successor, run, run_with};
 
 /// The control socket's file name in the state directory.
 pub const SOCKET_FILE: &str = "proxy.sock";
@@ -56,3 +59,18 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often [`ProxyClient::wait_drained`] polls the proxy's status.
 const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How long a proxy that handed over keeps its open connections: HTTP/1
+/// clients leave at their next response (`Connection: close`), so this
+/// bounds only idle keep-alive and long TCP connections.
+const HANDOVER_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How long the running proxy waits for its successor to be ready, and the
+/// successor for each answer of the running proxy.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often [`ProxyClient`] sends a request again that met a handover.
+const HANDOVER_RETRIES: u32 = 20;
+
+/// Pause between those attempts.
+const HANDOVER_RETRY_PAUSE: Duration = Duration::from_millis(50);

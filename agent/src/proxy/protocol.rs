@@ -59,14 +59,29 @@ pub enum ControlRequest {
         bind: SocketAddr,
     },
     Status,
+    /// A successor proxy (process `pid`, started with `--take-over`) asks
+    /// for the listening sockets. The answer is a handover message with the
+    /// sockets attached (see `handover`), not a [`ControlResponse`].
+    HandOver {
+        pid: u32,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum ControlResponse {
     Ok,
-    Status { status: ProxyStatus },
-    Error { message: String },
+    Status {
+        status: ProxyStatus,
+    },
+    Error {
+        message: String,
+    },
+    /// This proxy handed its listeners and control socket to process `pid`;
+    /// connect again (the socket path now leads to it). Nothing was done.
+    HandedOver {
+        pid: u32,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

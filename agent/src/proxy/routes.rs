@@ -79,6 +79,18 @@ impl ReleaseCounters {
         self.failed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counters that start from `counts` (handed over by a predecessor).
+    pub(crate) fn from_counts(counts: ClassCounts) -> Self {
+        ReleaseCounters {
+            s1xx: AtomicU64::new(counts.s1xx),
+            s2xx: AtomicU64::new(counts.s2xx),
+            s3xx: AtomicU64::new(counts.s3xx),
+            s4xx: AtomicU64::new(counts.s4xx),
+            s5xx: AtomicU64::new(counts.s5xx),
+            failed: AtomicU64::new(counts.failed),
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> ClassCounts {
         ClassCounts {
             s1xx: self.s1xx.load(Ordering::Relaxed),

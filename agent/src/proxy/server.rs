@@ -7,10 +7,13 @@
 //! which the registry prepares before swapping them in.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,14 +21,17 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::listener::{self, RunningListener};
+use super::handover::{self, HandedRoute, Message};
+use super::listener::{self, RunningListener, Stop};
 use super::persist;
-use super::protocol::{ControlRequest, ControlResponse, ProxyStatus, Route, RouteStatus};
+use super::protocol::{
+    ClassCounts, ControlRequest, ControlResponse, ProxyStatus, Route, RouteStatus,
+};
 use super::routes::{BackendTarget, ReleaseCounters, RouteTable, backend_client};
-use super::{ProxyError, SHUTDOWN_GRACE, SOCKET_FILE};
+use super::{HANDOVER_PATIENCE, ProxyError, SHUTDOWN_GRACE, SOCKET_FILE};
 
 /// Largest control request line accepted (a route with thousands of
 /// backends still fits).
@@ -36,16 +42,50 @@ const MAX_CONTROL_LINE: u64 = 1024 * 1024;
 /// the switch still finds its gauge listed; short enough to bound memory.
 const GAUGE_RETENTION: Duration = Duration::from_secs(600);
 
-/// Runs the proxy until `shutdown` completes.
+/// How a proxy process starts, and how it starts its own successor.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// Take the listening sockets over from the proxy running on this state
+    /// directory (`deploy-agent proxy --take-over`), instead of binding them.
+    pub take_over: bool,
+    /// The command that starts a successor when an upgrade is asked for
+    /// (SIGHUP); `None`: upgrades are refused with a log line.
+    pub successor: Option<Successor>,
+}
+
+/// A command line for a successor proxy (it must pass `--take-over`).
+#[derive(Debug, Clone)]
+pub struct Successor {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+/// Runs the proxy until `shutdown` completes (no successor, no upgrades).
+pub async fn run(state_dir: &Path, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
+    let (_never, upgrades) = mpsc::channel(1);
+    run_with(state_dir, Options::default(), upgrades, shutdown).await
+}
+
+/// Runs the proxy until `shutdown` completes, or until a successor has
+/// taken its listeners over and its open connections are done.
 ///
-/// Startup: create `state_dir`, refuse to start if another proxy answers on
-/// the control socket, listen on every persisted route (a route whose address
-/// cannot be bound is logged and skipped), then serve the control socket and
-/// tell systemd we are ready.
+/// Startup: create `state_dir`; either take the listeners over from the
+/// running proxy ([`Options::take_over`], see `handover`), or refuse to
+/// start if another proxy answers on the control socket and bind every
+/// persisted route (a route whose address cannot be bound is logged and
+/// skipped); then serve the control socket and tell systemd we are ready.
+///
+/// Each message on `upgrades` starts [`Options::successor`]; the running
+/// proxy keeps serving whatever becomes of it.
 ///
 /// Shutdown: stop accepting everywhere, let in-flight requests finish for at
 /// most 30 seconds, then return.
-pub async fn run(state_dir: &Path, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
+pub async fn run_with(
+    state_dir: &Path,
+    options: Options,
+    mut upgrades: mpsc::Receiver<()>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ProxyError> {
     std::fs::create_dir_all(state_dir).map_err(|err| {
         ProxyError::io(
             format!("cannot create the state directory {}", state_dir.display()),
@@ -53,32 +93,70 @@ pub async fn run(state_dir: &Path, shutdown: impl Future<Output = ()>) -> Result
         )
     })?;
     let socket_path = state_dir.join(SOCKET_FILE);
-    remove_stale_socket(&socket_path).await?;
+    let (control, listeners) = if options.take_over {
+        take_over(state_dir).await?
+    } else {
+        remove_stale_socket(&socket_path).await?;
+        let mut listeners = Vec::new();
+        for route in persist::load(state_dir)? {
+            let bind = route.bind;
+            match listener::bind(bind) {
+                Ok(tcp) => listeners.push((route, tcp, BTreeMap::new())),
+                Err(err) => tracing::error!(
+                    "cannot listen on {bind}: {err}; the route for {}/{} is not served until the daemon sets it again",
+                    route.project,
+                    route.service
+                ),
+            }
+        }
+        (bind_control_socket(&socket_path)?, listeners)
+    };
 
     let mut registry = Registry::new(state_dir.to_path_buf());
-    for route in persist::load(state_dir)? {
-        let bind = route.bind;
-        match listener::bind(bind) {
-            Ok(tcp) => registry.insert(route, tcp),
-            Err(err) => tracing::error!(
-                "cannot listen on {bind}: {err}; the route for {}/{} is not served until the daemon sets it again",
-                route.project,
-                route.service
-            ),
-        }
+    for (route, tcp, counts) in listeners {
+        registry.insert(route, tcp, counts);
     }
     let routes = registry.routes.len();
     let registry = Arc::new(Mutex::new(registry));
-
-    let control = bind_control_socket(&socket_path)?;
-    tracing::info!(socket = %socket_path.display(), routes, "proxy ready");
+    tracing::info!(socket = %socket_path.display(), routes, pid = std::process::id(), "proxy ready");
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        let mut states = vec![sd_notify::NotifyState::Ready];
+        if options.take_over {
+            // We are the service's main process now; the old one exits
+            // once its connections are done.
+            states.insert(0, sd_notify::NotifyState::MainPid(std::process::id()));
+        }
+        let _ = sd_notify::notify(&states);
     }
 
-    tokio::select! {
-        () = shutdown => tracing::info!("shutting down"),
-        () = serve_control(control, Arc::clone(&registry)) => {}
+    let handed_over = Arc::new(Notify::new());
+    let serving = serve_control(control, Arc::clone(&registry), Arc::clone(&handed_over));
+    tokio::pin!(serving);
+    tokio::pin!(shutdown);
+    let handed = loop {
+        tokio::select! {
+            () = &mut shutdown => {
+                tracing::info!("shutting down");
+                break false;
+            }
+            () = &mut serving => break false,
+            () = handed_over.notified() => break true,
+            Some(()) = upgrades.recv() => match &options.successor {
+                Some(successor) => start_successor(successor),
+                None => tracing::warn!("upgrade asked for, but this proxy cannot start a successor"),
+            },
+        }
+    };
+    if handed {
+        // proxy.sock is the successor's now: leave it, and say nothing to
+        // systemd (this is no longer the main process).
+        tracing::info!("handed over; finishing open connections");
+        registry
+            .lock()
+            .await
+            .shutdown(Stop::HandedOver(HANDOVER_PATIENCE), SHUTDOWN_GRACE)
+            .await;
+        return Ok(());
     }
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
@@ -87,8 +165,105 @@ pub async fn run(state_dir: &Path, shutdown: impl Future<Output = ()>) -> Result
     if let Err(err) = std::fs::remove_file(&socket_path) {
         tracing::debug!("cannot remove {}: {err}", socket_path.display());
     }
-    registry.lock().await.shutdown(SHUTDOWN_GRACE).await;
+    registry
+        .lock()
+        .await
+        .shutdown(Stop::Now, SHUTDOWN_GRACE)
+        .await;
     Ok(())
+}
+
+/// A listener to start: its route, its socket, its counters so far.
+type Pending = (Route, TcpListener, BTreeMap<String, ClassCounts>);
+
+/// The successor's startup: the sockets of the running proxy, then
+/// `proxy.sock`. Nothing accepts before the running proxy said `Done`.
+async fn take_over(state_dir: &Path) -> Result<(UnixListener, Vec<Pending>), ProxyError> {
+    let dir = state_dir.to_path_buf();
+    let taken = tokio::task::spawn_blocking(move || handover::take(&dir))
+        .await
+        .map_err(|err| ProxyError::HandoverFailed {
+            detail: format!("the handover task failed: {err}"),
+        })??;
+    // The running proxy holds its registry lock: the persisted routes are
+    // exactly those whose sockets we got.
+    let mut handed: BTreeMap<SocketAddr, (HandedRoute, OwnedFd)> = taken
+        .listeners
+        .iter()
+        .map(|(route, fd)| fd.try_clone().map(|fd| (route.bind, (route.clone(), fd))))
+        .collect::<Result<_, _>>()
+        .map_err(|err| ProxyError::io("cannot duplicate a handed socket", err))?;
+    let mut listeners = Vec::new();
+    for route in persist::load(state_dir)? {
+        let bind = route.bind;
+        let (tcp, counts) = match handed.remove(&bind) {
+            Some((handed, fd)) => {
+                let std = std::net::TcpListener::from(fd);
+                let tcp = std
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(std))
+                    .map_err(|err| {
+                        ProxyError::io(format!("cannot use the socket of {bind}"), err)
+                    })?;
+                (tcp, handed.releases)
+            }
+            None => match listener::bind(bind) {
+                Ok(tcp) => (tcp, BTreeMap::new()),
+                Err(err) => {
+                    tracing::error!(
+                        "cannot listen on {bind}: {err}; not served until the daemon sets it again"
+                    );
+                    continue;
+                }
+            },
+        };
+        listeners.push((route, tcp, counts));
+    }
+    for bind in handed.keys() {
+        tracing::warn!(%bind, "a handed socket has no persisted route; closing it");
+    }
+    let name = handover::successor_socket_name(std::process::id());
+    let control = bind_control_socket(&state_dir.join(&name))?;
+    let ready = tokio::task::spawn_blocking({
+        let name = name.clone();
+        move || taken.ready(name)
+    })
+    .await
+    .map_err(|err| ProxyError::HandoverFailed {
+        detail: format!("the handover task failed: {err}"),
+    })?;
+    if let Err(err) = ready {
+        handover::remove_successor_socket(state_dir, &name);
+        return Err(err);
+    }
+    Ok((control, listeners))
+}
+
+/// Starts a successor proxy; this one keeps serving until it takes over,
+/// and goes on serving if it never does.
+fn start_successor(successor: &Successor) {
+    let mut command = tokio::process::Command::new(&successor.program);
+    command.args(&successor.args).stdin(Stdio::null());
+    match command.spawn() {
+        Ok(mut child) => {
+            let pid = child.id().unwrap_or_default();
+            tracing::info!(pid, program = %successor.program.display(), "upgrade: started a successor proxy");
+            tokio::spawn(async move {
+                match child.wait().await {
+                    Ok(status) if status.success() => {}
+                    Ok(status) => tracing::error!(
+                        pid,
+                        "the successor proxy exited ({status}); if it had not taken over, this one keeps serving"
+                    ),
+                    Err(err) => tracing::error!(pid, "cannot wait for the successor proxy: {err}"),
+                }
+            });
+        }
+        Err(err) => tracing::error!(
+            "upgrade: cannot start {}: {err}; this proxy keeps serving",
+            successor.program.display()
+        ),
+    }
 }
 
 /// Removes a socket file left by a proxy that died, but refuses to steal the
@@ -126,15 +301,24 @@ fn bind_control_socket(path: &Path) -> Result<UnixListener, ProxyError> {
 }
 
 /// Accepts control connections forever; each one is served by its own task,
-/// owned here so they all end when this future is dropped.
-async fn serve_control(listener: UnixListener, registry: Arc<Mutex<Registry>>) {
+/// owned here so they all end when this future is dropped. `handed_over` is
+/// notified once a successor has taken over.
+async fn serve_control(
+    listener: UnixListener,
+    registry: Arc<Mutex<Registry>>,
+    handed_over: Arc<Notify>,
+) {
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
             Some(_) = sessions.join_next() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    sessions.spawn(serve_control_connection(stream, Arc::clone(&registry)));
+                    sessions.spawn(serve_control_connection(
+                        stream,
+                        Arc::clone(&registry),
+                        Arc::clone(&handed_over),
+                    ));
                 }
                 Err(err) => {
                     tracing::error!("cannot accept a control connection: {err}");
@@ -146,7 +330,11 @@ async fn serve_control(listener: UnixListener, registry: Arc<Mutex<Registry>>) {
 }
 
 /// Answers one JSON line per request line until the client hangs up.
-async fn serve_control_connection(stream: UnixStream, registry: Arc<Mutex<Registry>>) {
+async fn serve_control_connection(
+    stream: UnixStream,
+    registry: Arc<Mutex<Registry>>,
+    handed_over: Arc<Notify>,
+) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -163,6 +351,23 @@ async fn serve_control_connection(stream: UnixStream, registry: Arc<Mutex<Regist
                 }
             }
             Ok(_) => match serde_json::from_str::<ControlRequest>(&line) {
+                Ok(ControlRequest::HandOver { pid }) => {
+                    if !reader.buffer().is_empty() {
+                        tracing::error!("handover: process {pid} sent more than its request");
+                        return;
+                    }
+                    let stream = match reader.into_inner().reunite(write) {
+                        Ok(stream) => stream,
+                        Err(err) => {
+                            tracing::error!("handover: {err}");
+                            return;
+                        }
+                    };
+                    if hand_over(stream, &registry, pid).await {
+                        handed_over.notify_one();
+                    }
+                    return;
+                }
                 Ok(request) => handle(request, &registry).await,
                 Err(err) => ControlResponse::Error {
                     message: format!("invalid control request: {err}"),
@@ -187,8 +392,84 @@ async fn serve_control_connection(stream: UnixStream, registry: Arc<Mutex<Regist
     }
 }
 
+/// The running proxy's side of a handover (see `handover`): true once
+/// `proxy.sock` is the successor's. On false nothing changed here.
+async fn hand_over(mut stream: UnixStream, registry: &Mutex<Registry>, successor: u32) -> bool {
+    let mut registry = registry.lock().await;
+    if let Some(pid) = registry.handed_over {
+        let refused = Message::Refused {
+            message: format!("this proxy already handed over to process {pid}"),
+        };
+        let _ = handover::send(&mut stream, &refused).await;
+        return false;
+    }
+    tracing::info!(successor, "handover: a successor asks for the listeners");
+    let (routes, sockets) = registry.handover_set();
+    if sockets.len() > handover::MAX_LISTENERS {
+        let refused = Message::Refused {
+            message: format!(
+                "{} listening sockets; at most {} can be handed over",
+                sockets.len(),
+                handover::MAX_LISTENERS
+            ),
+        };
+        let _ = handover::send(&mut stream, &refused).await;
+        tracing::error!(successor, "handover refused: too many listeners");
+        return false;
+    }
+    let listeners = Message::Listeners { routes };
+    if let Err(err) = handover::send_with_sockets(&stream, &listeners, &sockets).await {
+        tracing::error!(
+            successor,
+            "handover: cannot send the listeners: {err}; this proxy keeps serving"
+        );
+        return false;
+    }
+    let name = match handover::await_ready(&mut stream, successor).await {
+        Ok(name) => name,
+        Err(err) => {
+            tracing::error!("handover failed: {err}; this proxy keeps serving");
+            return false;
+        }
+    };
+    let from = registry.state_dir.join(&name);
+    let to = registry.state_dir.join(SOCKET_FILE);
+    if let Err(err) = std::fs::rename(&from, &to) {
+        tracing::error!(
+            "handover failed: cannot rename {} to {}: {err}; this proxy keeps serving",
+            from.display(),
+            to.display()
+        );
+        let refused = Message::Refused {
+            message: format!("cannot rename the control socket: {err}"),
+        };
+        let _ = handover::send(&mut stream, &refused).await;
+        handover::remove_successor_socket(&registry.state_dir, &name);
+        return false;
+    }
+    // From here on the successor answers on proxy.sock; requests that
+    // still reach this proxy are told to connect again.
+    registry.handed_over = Some(successor);
+    if let Err(err) = handover::send(&mut stream, &Message::Done).await {
+        // It will time out or see EOF, and exit; proxy.sock then leads
+        // nowhere until systemd restarts the service.
+        tracing::error!(
+            successor,
+            "handover: cannot confirm to the successor: {err}"
+        );
+    }
+    tracing::info!(
+        successor,
+        "handover: the successor owns proxy.sock and the listeners"
+    );
+    true
+}
+
 async fn handle(request: ControlRequest, registry: &Mutex<Registry>) -> ControlResponse {
     let mut registry = registry.lock().await;
+    if let Some(pid) = registry.handed_over {
+        return ControlResponse::HandedOver { pid };
+    }
     match request {
         ControlRequest::Ping => ControlResponse::Ok,
         ControlRequest::Status => ControlResponse::Status {
@@ -202,6 +483,9 @@ async fn handle(request: ControlRequest, registry: &Mutex<Registry>) -> ControlR
             Ok(()) => ControlResponse::Ok,
             Err(message) => ControlResponse::Error { message },
         },
+        ControlRequest::HandOver { .. } => ControlResponse::Error {
+            message: "hand_over is answered on its own connection only".to_string(),
+        },
     }
 }
 
@@ -211,6 +495,8 @@ struct Registry {
     routes: BTreeMap<SocketAddr, RouteEntry>,
     /// Listeners of removed routes whose connections are still finishing.
     draining: Vec<JoinHandle<()>>,
+    /// Set once a successor owns the listeners and `proxy.sock`.
+    handed_over: Option<u32>,
 }
 
 impl Registry {
@@ -219,15 +505,41 @@ impl Registry {
             state_dir,
             routes: BTreeMap::new(),
             draining: Vec::new(),
+            handed_over: None,
         }
     }
 
-    /// Starts serving `route` on the already bound `tcp`.
-    fn insert(&mut self, route: Route, tcp: TcpListener) {
+    /// Starts serving `route` on the already bound `tcp`, its counters
+    /// starting from `counts`.
+    fn insert(&mut self, route: Route, tcp: TcpListener, counts: BTreeMap<String, ClassCounts>) {
         let bind = route.bind;
-        let mut entry = RouteEntry::new(&route);
-        entry.start(tcp);
-        self.routes.insert(bind, entry);
+        let mut entry = RouteEntry::with_counts(&route, counts);
+        match entry.start(tcp) {
+            Ok(()) => {
+                self.routes.insert(bind, entry);
+            }
+            Err(err) => tracing::error!(
+                "cannot serve {bind}: {err}; the route for {}/{} is not served until the daemon sets it again",
+                route.project,
+                route.service
+            ),
+        }
+    }
+
+    /// Every listening socket with its route's counters, for a successor.
+    fn handover_set(&self) -> (Vec<HandedRoute>, Vec<RawFd>) {
+        let mut routes = Vec::new();
+        let mut sockets = Vec::new();
+        for (bind, entry) in &self.routes {
+            if let Some(listener) = &entry.listener {
+                routes.push(HandedRoute {
+                    bind: *bind,
+                    releases: entry.counts(),
+                });
+                sockets.push(listener.socket().as_raw_fd());
+            }
+        }
+        (routes, sockets)
     }
 
     /// The routes as they will be after setting `change` (or removing the
@@ -277,11 +589,13 @@ impl Registry {
         // A new address: listen first, so an address we cannot have is
         // reported before anything is written.
         let tcp = listener::bind(bind).map_err(|err| format!("cannot listen on {bind}: {err}"))?;
-        let mut entry = RouteEntry::new(&route);
+        let mut entry = RouteEntry::with_counts(&route, BTreeMap::new());
         persist::save(&self.state_dir, persisted)
             .await
             .map_err(|err| err.to_string())?;
-        entry.start(tcp);
+        entry
+            .start(tcp)
+            .map_err(|err| format!("cannot serve {bind}: {err}"))?;
         self.routes.insert(bind, entry);
         tracing::info!(%bind, "route created");
         Ok(())
@@ -300,7 +614,7 @@ impl Registry {
         if let Some(entry) = self.routes.remove(&bind)
             && let Some(listener) = entry.listener
         {
-            self.draining.push(listener.stop().await);
+            self.draining.push(listener.stop(Stop::Now).await);
         }
         self.draining.retain(|task| !task.is_finished());
         tracing::info!(%bind, "route removed");
@@ -315,15 +629,20 @@ impl Registry {
         }
     }
 
-    /// Stops every listener and waits up to `grace` for open connections;
-    /// those still open after that are aborted.
-    async fn shutdown(&mut self, grace: Duration) {
+    /// Stops every listener (`how`) and waits up to `grace` for open
+    /// connections, beyond the patience of [`Stop::HandedOver`]; those
+    /// still open after that are aborted.
+    async fn shutdown(&mut self, how: Stop, grace: Duration) {
         let mut tasks = std::mem::take(&mut self.draining);
         for (_, entry) in std::mem::take(&mut self.routes) {
             if let Some(listener) = entry.listener {
-                tasks.push(listener.stop().await);
+                tasks.push(listener.stop(how).await);
             }
         }
+        let grace = match how {
+            Stop::Now => grace,
+            Stop::HandedOver(patience) => patience + grace,
+        };
         let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
         let all_done = futures_util::future::join_all(tasks);
         if tokio::time::timeout(grace, all_done).await.is_err() {
@@ -366,9 +685,16 @@ struct Prepared {
 }
 
 impl RouteEntry {
-    /// An entry serving `route`, not listening yet.
-    fn new(route: &Route) -> Self {
-        let unrouted = Arc::new(ReleaseCounters::default());
+    /// An entry serving `route`, not listening yet, its counters starting
+    /// from `counts` (those a predecessor handed over; `""`: unrouted).
+    fn with_counts(route: &Route, mut counts: BTreeMap<String, ClassCounts>) -> Self {
+        let unrouted = Arc::new(ReleaseCounters::from_counts(
+            counts.remove("").unwrap_or_default(),
+        ));
+        let releases = counts
+            .into_iter()
+            .map(|(release, counts)| (release, Arc::new(ReleaseCounters::from_counts(counts))))
+            .collect();
         let mut entry = RouteEntry {
             route: route.clone(),
             table: Arc::new(ArcSwap::from_pointee(RouteTable::new(
@@ -379,7 +705,7 @@ impl RouteEntry {
             listener: None,
             targets: HashMap::new(),
             gauges: BTreeMap::new(),
-            releases: BTreeMap::new(),
+            releases,
             unrouted,
         };
         let prepared = entry.prepare(route);
@@ -387,12 +713,24 @@ impl RouteEntry {
         entry
     }
 
-    fn start(&mut self, tcp: TcpListener) {
+    fn start(&mut self, tcp: TcpListener) -> std::io::Result<()> {
         self.listener = Some(RunningListener::spawn(
             tcp,
             self.route.bind,
             Arc::clone(&self.table),
-        ));
+        )?);
+        Ok(())
+    }
+
+    /// Every release's counters (`""`: unrouted), as handed to a successor.
+    fn counts(&self) -> BTreeMap<String, ClassCounts> {
+        let mut counts: BTreeMap<String, ClassCounts> = self
+            .releases
+            .iter()
+            .map(|(release, counters)| (release.clone(), counters.snapshot()))
+            .collect();
+        counts.insert(String::new(), self.unrouted.snapshot());
+        counts
     }
 
     /// Builds the table for `route`, reusing the targets (pools, counters) of

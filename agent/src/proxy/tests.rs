@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::protocol::{Backend, Route};
-use super::{ProxyClient, ProxyError, ROUTES_FILE, SOCKET_FILE, run};
+use super::{Options, ProxyClient, ProxyError, ROUTES_FILE, SOCKET_FILE, run, run_with};
 use crate::spec::ProxyMode;
 
 /// Upper bound for anything a test waits for; generous for a loaded CI box.
@@ -816,4 +816,188 @@ async fn http2_clients_are_served_by_http1_backends() {
     }
     drop(h2c);
     proxy.shutdown().await;
+}
+
+// ---- handover to a successor proxy ------------------------------------------
+
+/// A successor proxy (as a task) taking over from the one on `state_dir`.
+fn spawn_successor(state_dir: &Path) -> (oneshot::Sender<()>, JoinHandle<Result<(), ProxyError>>) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let dir = state_dir.to_path_buf();
+    let task = tokio::spawn(async move {
+        let (_no_upgrades, upgrades) = tokio::sync::mpsc::channel(1);
+        let options = Options {
+            take_over: true,
+            successor: None,
+        };
+        run_with(&dir, options, upgrades, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handover_under_load_fails_no_request_and_keeps_the_counters() {
+    let (_tmp, dir) = state_dir();
+    let old = TestProxy::start(&dir).await;
+    let a = spawn_backend("a", Behavior::Name).await;
+    let b = spawn_backend("b", Behavior::Name).await;
+    let bind = free_addr();
+    old.client
+        .set_route(route(
+            bind,
+            ProxyMode::Http,
+            vec![backend(a, "r1", "web-a")],
+        ))
+        .await
+        .unwrap();
+
+    // Keep-alive clients and one new connection per request, side by side.
+    let running = Arc::new(AtomicBool::new(true));
+    let mut loops = Vec::new();
+    for i in 0..6 {
+        let running = Arc::clone(&running);
+        loops.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let pooled = http_client();
+            while running.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                let (status, body) = if i % 2 == 0 {
+                    get(&pooled, bind).await
+                } else {
+                    get(&http_client(), bind).await
+                };
+                seen.push((started, status, body));
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = old.client.status().await.unwrap().routes[0].releases["r1"].s2xx;
+    assert!(before > 0, "no load before the handover");
+
+    let (stop_new, new_task) = spawn_successor(&dir);
+    // The old proxy returns once it handed over and its clients left it.
+    let TestProxy {
+        client,
+        stop: stop_old,
+        task: old_task,
+    } = old;
+    let old_result = tokio::time::timeout(PATIENCE, old_task)
+        .await
+        .expect("the old proxy did not finish after the handover")
+        .expect("the old proxy task panicked");
+    old_result.expect("the old proxy failed");
+    drop(stop_old);
+    assert!(!new_task.is_finished(), "the successor exited");
+
+    // The control socket leads to the successor, with the counters carried.
+    let status = client.status().await.unwrap();
+    assert!(status.routes[0].releases["r1"].s2xx >= before);
+    let switch_sent = Instant::now();
+    client
+        .set_route(route(
+            bind,
+            ProxyMode::Http,
+            vec![backend(b, "r2", "web-b")],
+        ))
+        .await
+        .unwrap();
+    let switch_done = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    running.store(false, Ordering::SeqCst);
+
+    let (mut total, mut after) = (0, 0);
+    for task in loops {
+        for (started, status, body) in task.await.unwrap() {
+            assert_eq!(status, StatusCode::OK, "body: {body}");
+            total += 1;
+            if started > switch_done {
+                assert_eq!(body, "b", "the successor did not switch");
+                after += 1;
+            } else if started < switch_sent {
+                assert_eq!(body, "a");
+            }
+        }
+    }
+    assert!(after > 0, "no request after the switch ({total} in all)");
+    let _ = stop_new.send(());
+    tokio::time::timeout(PATIENCE, new_task)
+        .await
+        .expect("the successor did not shut down")
+        .expect("the successor panicked")
+        .expect("the successor failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_gives_up_leaves_the_running_proxy_as_it_was() {
+    let (_tmp, dir) = state_dir();
+    let proxy = TestProxy::start(&dir).await;
+    let a = spawn_backend("a", Behavior::Name).await;
+    let bind = free_addr();
+    proxy
+        .client
+        .set_route(route(
+            bind,
+            ProxyMode::Http,
+            vec![backend(a, "r1", "web-a")],
+        ))
+        .await
+        .unwrap();
+
+    // It receives the listeners, then hangs up without being ready.
+    let taken = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || super::handover::take(&dir).map(|t| t.listeners.len())
+    })
+    .await
+    .unwrap()
+    .expect("take the listeners");
+    assert_eq!(taken, 1);
+
+    assert_eq!(
+        get(&http_client(), bind).await,
+        (StatusCode::OK, "a".to_string())
+    );
+    // The registry lock was released: route changes work again.
+    proxy
+        .client
+        .set_route(route(
+            bind,
+            ProxyMode::Http,
+            vec![backend(a, "r2", "web-a2")],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        proxy.client.status().await.unwrap().routes[0]
+            .route
+            .backends[0]
+            .release,
+        "r2"
+    );
+    assert!(!proxy.task.is_finished(), "the running proxy stopped");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn take_over_with_no_proxy_running_says_so() {
+    let (_tmp, dir) = state_dir();
+    let (_stop, task) = spawn_successor(&dir);
+    let err = tokio::time::timeout(PATIENCE, task)
+        .await
+        .expect("take-over did not give up")
+        .expect("the task panicked")
+        .expect_err("took over from nothing");
+    assert!(
+        matches!(err, ProxyError::NothingToTakeOver { .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("nothing to take over")
+            && err.to_string().contains("without --take-over"),
+        "{err}"
+    );
 }
