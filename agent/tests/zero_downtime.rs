@@ -232,3 +232,61 @@ fn daemon_kill9_and_restart_under_load_drops_nothing() {
     assert_switch_during(switches[0], &out);
     h.assert_current(PROJECT, "v2");
 }
+
+#[test]
+fn proxy_upgrade_by_sighup_under_load_drops_nothing() {
+    let (mut h, port, file) = serving(&["v1"]);
+    let load = started_load(port);
+    // 2-second requests in flight while the listeners change hands.
+    let slow = LoadLoop::with_config(LoadConfig::slow_requests(
+        port,
+        "/cgi-bin/slow",
+        Duration::from_millis(250),
+    ));
+    slow.wait_for_responses(1, Duration::from_secs(10));
+
+    let old = h.proxy_pid().expect("the proxy runs");
+    let upgraded_at = Instant::now();
+    let new = h.upgrade_proxy(Duration::from_secs(20));
+    assert_ne!(old, new);
+    // It leaves once its clients have: keep-alive ones at their next
+    // response, slow ones when their answer is sent.
+    let exit = h.wait_proxy_exit(Duration::from_secs(45));
+    assert!(exit.success(), "the old proxy exited with {exit}");
+    eprintln!(
+        "the old proxy left {:?} after SIGHUP",
+        upgraded_at.elapsed()
+    );
+    let st = h.status();
+    assert!(st.is_object(), "{st}");
+
+    // The daemon switches routes through the successor.
+    let out = h.deploy(PROJECT, &file, "v2");
+    std::thread::sleep(Duration::from_millis(500));
+    let slow = slow.stop();
+    let report = load.stop();
+    eprintln!("{}\n{}", report.summary(), slow.summary());
+    out.expect_code(0);
+    let switches = report.assert_clean(&["v1", "v2"]);
+    assert_switch_during(switches[0], &out);
+    slow.assert_zero_failures();
+    assert!(
+        !slow.in_flight_at(upgraded_at).is_empty(),
+        "no slow request was in flight at the handover: {}",
+        slow.summary()
+    );
+    h.assert_current(PROJECT, "v2");
+    assert_eq!(h.serving_proxy_pid(), Ok(new));
+}
+
+#[test]
+fn take_over_with_no_proxy_running_exits_with_a_clear_error() {
+    let h = Harness::builder(BIN).no_proxy().no_daemon().start();
+    let out = h.cli(&["proxy", "--take-over"]);
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(
+        out.stderr.contains("nothing to take over") && out.stderr.contains("without --take-over"),
+        "{out}"
+    );
+    assert!(!h.state_dir().join("proxy.sock").exists(), "{out}");
+}

@@ -12,8 +12,9 @@
 //!    it, then its checksum is checked;
 //! 3. the service: on a host running systemd, the user and directories are
 //!    created, both units enabled and started, and the control daemon
-//!    restarted if anything changed (`try-restart`: never the proxy, which
-//!    keeps serving). A host without systemd (a container, the tests) gets
+//!    restarted if anything changed (`try-restart`), the proxy reloaded
+//!    (its successor takes the listening sockets over: no connection is
+//!    refused, never a proxy restart). A host without systemd (a container, the tests) gets
 //!    the files and is reported as "service not started" (exit 5), unless
 //!    `--no-start` said not to start it. An `install.root` other than `/`
 //!    (a staging directory) never starts anything.
@@ -559,8 +560,12 @@ async fn install_host(
                      systemctl enable --now deploy-proxy.service deploy-agent.service; ",
                 );
                 if changed && was_active {
-                    // The control daemon picks up the change; the proxy keeps serving.
-                    body.push_str("systemctl try-restart deploy-agent.service; ");
+                    // The control daemon picks up the change; the proxy hands its
+                    // sockets over to the new binary and keeps serving meanwhile.
+                    body.push_str(
+                        "systemctl try-restart deploy-agent.service; \
+                         systemctl reload deploy-proxy.service; ",
+                    );
                 }
                 body.push_str("systemctl is-active deploy-agent.service");
                 if let Err(e) = remote.run("starting the service", &body, &[]).await {
@@ -569,7 +574,8 @@ async fn install_host(
                 result.service = match (was_active, changed) {
                     (false, _) => "started".into(),
                     (true, true) => {
-                        "restarted (deploy-agent.service; deploy-proxy kept serving)".into()
+                        "restarted (deploy-agent.service; deploy-proxy reloaded: its sockets handed over)"
+                            .into()
                     }
                     (true, false) => "running (nothing changed)".into(),
                 };

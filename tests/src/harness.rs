@@ -5,7 +5,7 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::fs::{self, File};
 use std::hash::{BuildHasher, Hasher};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -178,6 +178,7 @@ impl HarnessBuilder {
             docker_config,
             logs,
             proxy: None,
+            successors: Vec::new(),
             daemon: None,
             daemon_starts: 0,
         };
@@ -218,6 +219,9 @@ pub struct Harness {
     docker_config: PathBuf,
     logs: PathBuf,
     proxy: Option<Child>,
+    /// Successor proxies started by the proxy itself (SIGHUP): not our
+    /// children, killed on drop all the same.
+    successors: Vec<u32>,
     daemon: Option<Child>,
     daemon_starts: u32,
 }
@@ -341,6 +345,64 @@ impl Harness {
     pub fn stop_proxy(&mut self) {
         let child = self.proxy.take().expect("the proxy is not running");
         terminate(child, Duration::from_secs(5));
+    }
+
+    /// The pid of the proxy this harness started.
+    pub fn proxy_pid(&self) -> Option<u32> {
+        self.proxy.as_ref().map(Child::id)
+    }
+
+    /// The pid of the proxy that answers on `proxy.sock` now.
+    pub fn serving_proxy_pid(&self) -> Result<u32, String> {
+        let path = self.state_dir.join("proxy.sock");
+        let mut stream =
+            UnixStream::connect(&path).map_err(|e| format!("connect {}: {e}", path.display()))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(b"{\"op\":\"status\"}\n")
+            .map_err(|e| format!("write: {e}"))?;
+        let mut line = String::new();
+        BufReader::new(stream)
+            .read_line(&mut line)
+            .map_err(|e| format!("read: {e}"))?;
+        let answer: Value = serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}"))?;
+        answer["status"]["pid"]
+            .as_u64()
+            .map(|pid| pid as u32)
+            .ok_or_else(|| format!("no pid in {line:?}"))
+    }
+
+    /// SIGHUP to the proxy: it starts a successor that takes its listeners
+    /// over. Returns the successor's pid once it answers on `proxy.sock`
+    /// (the old proxy may still be finishing its connections).
+    pub fn upgrade_proxy(&mut self, timeout: Duration) -> u32 {
+        let old = self.proxy_pid().expect("the proxy is not running");
+        kill(Pid::from_raw(old as i32), Signal::SIGHUP).expect("SIGHUP the proxy");
+        let new = wait_until(
+            "a successor proxy answers on proxy.sock",
+            timeout,
+            || match self.serving_proxy_pid()? {
+                pid if pid == old => Err(format!("still {old}")),
+                pid => Ok(pid),
+            },
+        );
+        self.successors.push(new);
+        new
+    }
+
+    /// Waits for the proxy this harness started to exit (after a handover).
+    pub fn wait_proxy_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.proxy.as_mut().expect("the proxy was not started");
+        let status = wait_until("the old proxy exits", timeout, || {
+            child
+                .try_wait()
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "running".to_string())
+        });
+        self.proxy = None;
+        status
     }
 
     /// Starts `deploy-agent run` and waits for `agent.sock`.
@@ -769,6 +831,9 @@ impl Drop for Harness {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();
+        }
+        for pid in self.successors.drain(..) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
         let panicking = std::thread::panicking();
         if panicking {
