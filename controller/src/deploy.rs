@@ -12,7 +12,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deploy_agent::wire::{DeployRequest, OperationResult, Outcome, PullRequest, RollbackRequest};
+use deploy_agent::wire::{
+    DeployRequest, OperationKind, OperationResult, Outcome, PullRequest, RollbackRequest,
+};
 use futures_util::future::join_all;
 use serde::Serialize;
 
@@ -21,6 +23,7 @@ use crate::exit;
 use crate::fleet::{Action, Failure, FleetRollout, Observation, Seen, Verdict};
 use crate::inventory::{Environment, Inventory};
 use crate::lease::FleetLease;
+use crate::policy;
 use crate::promote;
 use crate::report::{Reporter, md_cell, step_summary};
 
@@ -41,6 +44,8 @@ pub struct DeployOptions {
     pub reason: Option<String>,
     /// `--transport`, `--accept-new-host-keys` (issue 5).
     pub transport: TransportOptions,
+    /// `--override REASON`: deploy even if the safety gates deny it.
+    pub override_reason: Option<String>,
 }
 
 /// One host's line of the summary.
@@ -192,6 +197,28 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn refuse(&self, command: &'static str, release: &str, code: i32, message: String) -> i32 {
+        self.refusal(command, release, code, message, None)
+    }
+
+    /// Refused by the safety gates named in `gates` (exit 6).
+    fn refuse_gates(&self, release: &str, gates: &str, message: String) -> i32 {
+        self.refusal(
+            "deploy",
+            release,
+            exit::DENIED,
+            message,
+            Some(gates.to_string()),
+        )
+    }
+
+    fn refusal(
+        &self,
+        command: &'static str,
+        release: &str,
+        code: i32,
+        message: String,
+        gate: Option<String>,
+    ) -> i32 {
         self.out.error(&message);
         let summary = Summary {
             command,
@@ -203,7 +230,7 @@ impl Ctx<'_> {
             exit_code: code,
             message,
             failed_host: None,
-            gate: None,
+            gate,
             digests: BTreeMap::new(),
             hosts: vec![],
             duration_ms: ms(self.started.elapsed()),
@@ -249,6 +276,100 @@ fn combine(errors: &[CallError]) -> (i32, String) {
         .collect::<Vec<_>>()
         .join("; ");
     (code, msg)
+}
+
+/// Evaluates `policy` (see [`crate::policy`]) for a deploy of `release`
+/// now. `Ok(None)`: every gate passes. `Ok(Some(text))`: gates denied it
+/// and `--override` overrode them; `text` goes into every host's audit
+/// record as the deploy's reason. `Err(code)`: refused (already reported).
+async fn gate(
+    ctx: &Ctx<'_>,
+    policy: &policy::Policy,
+    release: &str,
+    source: Option<policy::SourceFacts>,
+    opts: &DeployOptions,
+) -> Result<Option<String>, i32> {
+    let out = &ctx.out;
+    let mut facts = policy::Facts {
+        deploys: vec![],
+        source,
+    };
+    if policy.rate_limit.is_some() {
+        // The environment's own record: what its hosts say they deployed.
+        let answers = join_all(ctx.clients.iter().map(|c| c.history(&ctx.env.project))).await;
+        let mut errors = Vec::new();
+        for (c, a) in ctx.clients.iter().zip(answers) {
+            match a {
+                Ok(entries) => facts.deploys.extend(entries.into_iter().filter_map(|e| {
+                    let done = e.operation == OperationKind::Deploy
+                        && e.outcome == Some(Outcome::Succeeded);
+                    let at = e.finished_at.as_deref()?.parse::<jiff::Timestamp>().ok()?;
+                    done.then_some((e.release, at))
+                })),
+                Err(e) => {
+                    out.warn(&format!("rate limit gate: no history from {}: {e}", c.host));
+                    errors.push(e);
+                }
+            }
+        }
+        if errors.len() == ctx.clients.len() {
+            let (code, msg) = combine(&errors);
+            return Err(ctx.refuse(
+                "deploy",
+                release,
+                code,
+                format!(
+                    "rate limit gate: no host of {} told its deploy history, so the limit cannot be checked: {msg}",
+                    ctx.env.name
+                ),
+            ));
+        }
+    }
+    let decision = policy::evaluate(policy, release, &facts, jiff::Timestamp::now());
+    if decision.allowed() {
+        out.phase(&format!("safety gates of {}: all pass", ctx.env.name));
+        return Ok(None);
+    }
+    let when = match decision.passes_at {
+        Some(t) => {
+            let local = t.to_zoned(policy.timezone.clone());
+            format!(
+                "it would pass at {} ({} {})",
+                policy::short(t),
+                local.strftime("%a %Y-%m-%d %H:%M"),
+                policy.timezone_name
+            )
+        }
+        None => "waiting alone will not make it pass".to_string(),
+    };
+    let denials = decision
+        .denials
+        .iter()
+        .map(|d| format!("{} gate: {}", d.gate, d.message))
+        .collect::<Vec<_>>()
+        .join("; ");
+    match &opts.override_reason {
+        Some(why) => {
+            out.warn(&format!(
+                "OVERRIDE: the safety gates of {} deny this deploy ({denials}); deploying anyway because: {why}",
+                ctx.env.name
+            ));
+            Ok(Some(format!(
+                "OVERRIDE of the {} gate(s) by {}: {why}",
+                decision.gates(),
+                ctx.deployment_id
+            )))
+        }
+        None => Err(ctx.refuse_gates(
+            release,
+            &decision.gates(),
+            format!(
+                "deploy of {release} to {} denied by its safety gates: {denials}; {when}. \
+                 Nothing changed. In an emergency: --override \"REASON\" (audited on every host)",
+                ctx.env.name
+            ),
+        )),
+    }
 }
 
 /// `deploy-controller deploy`. Returns the exit code.
@@ -319,15 +440,40 @@ pub async fn deploy(inv: &Inventory, opts: &DeployOptions, out: Arc<Reporter>) -
     let promoted = match &source {
         Some(src) => {
             match promote::source_digests(inv, env, src, release, &out, &opts.transport).await {
-                Ok(d) => {
-                    out.phase(&format!("promotion: {src} ran {}", describe(&d)));
-                    Some(d)
+                Ok(p) => {
+                    out.phase(&format!("promotion: {src} ran {}", describe(&p.digests)));
+                    Some(p)
                 }
                 Err(r) => return ctx.refuse("deploy", release, r.code, r.message),
             }
         }
         None => None,
     };
+
+    // 1b. The safety gates, before anything changes.
+    let mut reason = opts.reason.clone();
+    if let Some(policy) = &env.policy {
+        let source_facts = match (&source, &promoted) {
+            (Some(src), Some(p)) => Some(policy::SourceFacts {
+                environment: src.clone(),
+                first_ran_at: p.first_ran_at,
+                not_serving: p.not_serving.clone(),
+            }),
+            _ => None,
+        };
+        match gate(&ctx, policy, release, source_facts, opts).await {
+            Ok(overridden) => {
+                if let Some(text) = overridden {
+                    reason = Some(match &opts.reason {
+                        Some(r) => format!("{text}; {r}"),
+                        None => text,
+                    });
+                }
+            }
+            Err(code) => return code,
+        }
+    }
+    let promoted = promoted.map(|p| p.digests);
 
     // 2. Pre-pull everywhere; any failure: nothing changed.
     out.phase(&format!("pre-pull on {} host(s)", names.len()));
@@ -419,7 +565,6 @@ pub async fn deploy(inv: &Inventory, opts: &DeployOptions, out: Arc<Reporter>) -
     // 4. The rollout.
     out.hosts(&names);
     let mut fleet = FleetRollout::new(release, names.clone(), before.clone(), &env.strategy);
-    let reason = opts.reason.clone();
     let verdict = loop {
         match fleet.next_action() {
             Action::Done(v) => break v,

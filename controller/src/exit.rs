@@ -21,8 +21,11 @@ pub const LOCKED: i32 = agent::LOCKED;
 /// An agent could not be reached (refused, timeout, TLS handshake refused)
 /// or its host is not ready (Docker, proxy, state store).
 pub const ENVIRONMENT: i32 = agent::ENVIRONMENT;
-/// An agent refused this certificate's identity (403), or a promotion
-/// gate refused the release (the source environment never ran it).
+/// An agent refused this certificate's identity (403), a promotion gate
+/// refused the release (the source environment never ran it), or a safety
+/// gate of the environment's policy denied the deploy (window, blackout,
+/// rate limit, promotion rule; the message says when it would pass).
+/// Nothing changed.
 pub const DENIED: i32 = agent::DENIED;
 /// Hosts were left on different releases, or in an unknown state: a
 /// rollback failed, a host had nothing to roll back to, or `max_failed`

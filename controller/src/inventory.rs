@@ -20,6 +20,13 @@
 //! vars = { DOMAIN = "shop.example.com" }
 //! strategy = { canary = 1, batch = "50%", pause = "30s", max_failed = 0 }
 //!
+//! [environments.production.policy]   # safety gates (crate::policy); rollbacks are never gated
+//! timezone = "America/New_York"      # windows and blackout dates are read here (default UTC)
+//! windows = ["Mon-Thu 09:00-15:00"]  # deploys only inside one of these
+//! blackouts = ["2026-12-24..2027-01-02"]
+//! rate_limit = "1/4h"                # at most 1 successful deploy per 4 hours
+//! promotion = { min_age = "24h", still_serving = true }  # ran in promote_from that long ago, still serves there
+//!
 //! [[environments.production.hosts]]
 //! name = "web-1"
 //! agent = "web-1.internal:7443"
@@ -40,6 +47,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::fleet::{Batch, Canary, Strategy};
+use crate::policy::{self, Policy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
@@ -108,6 +116,33 @@ struct RawEnvironment {
     connect_timeout: Option<String>,
     #[serde(default)]
     install: Option<RawInstall>,
+    /// The safety gates (`crate::policy`).
+    #[serde(default)]
+    policy: Option<RawPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    timezone: Option<String>,
+    #[serde(default)]
+    windows: Vec<String>,
+    #[serde(default)]
+    blackouts: Vec<String>,
+    #[serde(default)]
+    rate_limit: Option<String>,
+    #[serde(default)]
+    promotion: Option<RawPromotionRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPromotionRule {
+    #[serde(default)]
+    min_age: Option<String>,
+    #[serde(default)]
+    still_serving: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -412,6 +447,8 @@ pub struct Environment {
     pub connect_timeout: Duration,
     /// `[environments.E.install]` (issue 5).
     pub install: Option<InstallSettings>,
+    /// `[environments.E.policy]`: the safety gates of a deploy.
+    pub policy: Option<Policy>,
 }
 
 impl Environment {
@@ -633,6 +670,10 @@ impl Inventory {
                     )));
                 }
             }
+            let policy = match &e.policy {
+                None => None,
+                Some(p) => Some(policy_of(p, &at, e.promote_from.is_some()).map_err(invalid)?),
+            };
             let project = e.project.clone();
             if project.is_empty() {
                 return Err(invalid(format!("`{at}.project` is empty")));
@@ -657,6 +698,7 @@ impl Inventory {
                     hosts,
                     connect_timeout,
                     install,
+                    policy,
                 },
             );
         }
@@ -680,6 +722,62 @@ impl Inventory {
                     .join(", "),
             })
     }
+}
+
+/// `[environments.E.policy]`, checked; errors name the key.
+fn policy_of(p: &RawPolicy, at: &str, promotes: bool) -> Result<Policy, String> {
+    let pat = format!("{at}.policy");
+    let timezone_name = p.timezone.clone().unwrap_or_else(|| "UTC".to_string());
+    let timezone =
+        policy::parse_timezone(&timezone_name).map_err(|m| format!("`{pat}.timezone`: {m}"))?;
+    let windows = p
+        .windows
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            policy::parse_window(w).map_err(|m| format!("`{pat}.windows[{i}]` {w:?}: {m}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let blackouts = p
+        .blackouts
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            policy::parse_blackout(b).map_err(|m| format!("`{pat}.blackouts[{i}]` {b:?}: {m}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let rate_limit = p
+        .rate_limit
+        .as_ref()
+        .map(|r| policy::parse_rate_limit(r).map_err(|m| format!("`{pat}.rate_limit` {r:?}: {m}")))
+        .transpose()?;
+    let (mut promotion_min_age, mut promotion_still_serving) = (None, false);
+    if let Some(rule) = &p.promotion {
+        if !promotes {
+            return Err(format!(
+                "`{pat}.promotion` needs `{at}.promote_from` (the environment the release must have run in)"
+            ));
+        }
+        promotion_min_age = rule
+            .min_age
+            .as_ref()
+            .map(|s| {
+                humantime::parse_duration(s).map_err(|err| {
+                    format!("`{pat}.promotion.min_age` {s:?} is not a duration like \"24h\": {err}")
+                })
+            })
+            .transpose()?;
+        promotion_still_serving = rule.still_serving.unwrap_or(false);
+    }
+    Ok(Policy {
+        timezone,
+        timezone_name,
+        windows,
+        blackouts,
+        rate_limit,
+        promotion_min_age,
+        promotion_still_serving,
+    })
 }
 
 fn valid_name(s: &str) -> bool {
@@ -891,11 +989,67 @@ agent = "p2:7443"
             ),
             ("", "no environments"),
         ];
+        let base = "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n[environments.a]\nproject = \"p\"\ncompose = \"c\"\n[[environments.a.hosts]]\nname = \"h\"\nagent = \"h:1\"\n";
+        let policy_cases: Vec<(String, &str)> = [
+            (
+                "timezone = \"Mars/Base\"",
+                "`environments.a.policy.timezone`",
+            ),
+            (
+                "windows = [\"Mon-Thu 09:00-15:00\", \"Fri 9-5\"]",
+                "`environments.a.policy.windows[1]` \"Fri 9-5\"",
+            ),
+            (
+                "blackouts = [\"2026-02-30\"]",
+                "`environments.a.policy.blackouts[0]`",
+            ),
+            (
+                "rate_limit = \"often\"",
+                "`environments.a.policy.rate_limit` \"often\"",
+            ),
+            (
+                "promotion = { min_age = \"24h\" }",
+                "needs `environments.a.promote_from`",
+            ),
+            ("approvers = 2", "approvers"),
+        ]
+        .into_iter()
+        .map(|(line, needle)| (format!("{base}[environments.a.policy]\n{line}\n"), needle))
+        .collect();
+        let cases: Vec<(&str, &str)> = cases
+            .iter()
+            .copied()
+            .chain(policy_cases.iter().map(|(t, n)| (t.as_str(), *n)))
+            .collect();
         for (text, needle) in cases {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(needle), "expected {needle:?} in: {e}");
             assert!(e.contains("/etc/deploy/deploy.toml"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_policy_is_read_per_environment() {
+        let inv = parse(
+            "[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n\
+             [environments.staging]\nproject = \"p\"\ncompose = \"c\"\n[[environments.staging.hosts]]\nname = \"s\"\nagent = \"s:1\"\n\
+             [environments.production]\nproject = \"p\"\ncompose = \"c\"\npromote_from = \"staging\"\n\
+             [environments.production.policy]\ntimezone = \"America/New_York\"\nwindows = [\"Mon-Thu 09:00-15:00\"]\n\
+             blackouts = [\"2026-12-24..2027-01-02\"]\nrate_limit = \"1/4h\"\npromotion = { min_age = \"24h\", still_serving = true }\n\
+             [[environments.production.hosts]]\nname = \"h\"\nagent = \"h:1\"\n",
+        )
+        .unwrap();
+        assert!(inv.environments["staging"].policy.is_none());
+        let p = inv.environments["production"].policy.as_ref().unwrap();
+        assert_eq!(p.timezone_name, "America/New_York");
+        assert_eq!(p.windows.len(), 1);
+        assert_eq!(p.blackouts.len(), 1);
+        assert_eq!(
+            p.rate_limit.as_ref().map(|r| (r.max, r.per)),
+            Some((1, Duration::from_secs(4 * 3600)))
+        );
+        assert_eq!(p.promotion_min_age, Some(Duration::from_secs(24 * 3600)));
+        assert!(p.promotion_still_serving);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! then batches, fleet-wide rollback when a host fails its gates.
 //!
 //! Pure core (no I/O, unit-tested): [`fleet`] (the rollout state machine and
-//! the wave plan) and [`inventory`] (the deploy.toml model and its checks).
+//! the wave plan), [`policy`] (the safety gates: windows, blackouts, rate
+//! limit, promotion age) and [`inventory`] (the deploy.toml model and its
+//! checks).
 //! Thin adapters: [`client`] (the agent API over HTTPS), [`lease`] (the
 //! environment lock on every host), [`promote`] (digests from the source
 //! environment), [`deploy`] (the deploy and rollback commands), [`commands`]
@@ -18,6 +20,7 @@ pub mod install; // issue 5: `deploy-controller install` over SSH
 pub mod inventory;
 pub mod lease;
 pub mod pki;
+pub mod policy;
 pub mod promote;
 pub mod report;
 pub mod ssh; // issue 5: the SSH transport

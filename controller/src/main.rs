@@ -74,6 +74,11 @@ enum Cmd {
         /// Why (recorded in every agent's audit log).
         #[arg(long)]
         reason: Option<String>,
+        /// Deploy even if the environment's safety gates (window, blackout,
+        /// rate limit, promotion rule) deny it; the reason and the gates
+        /// overridden go into every host's audit record.
+        #[arg(long = "override", value_name = "REASON")]
+        override_reason: Option<String>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -264,8 +269,18 @@ async fn run(cli: Cli) -> i32 {
             no_promote,
             lock_wait,
             reason,
+            override_reason,
             json,
         } => {
+            if override_reason
+                .as_deref()
+                .is_some_and(|r| r.trim().is_empty())
+            {
+                eprintln!(
+                    "error: --override needs a reason (e.g. --override \"hotfix for INC-123\"): it is audited on every host"
+                );
+                return exit::CONFIG;
+            }
             let vars = match parse_vars(&vars) {
                 Ok(v) => v,
                 Err(e) => {
@@ -288,6 +303,7 @@ async fn run(cli: Cli) -> i32 {
                 lock_wait,
                 reason,
                 transport,
+                override_reason,
             };
             deploy::deploy(&inv, &opts, out).await
         }

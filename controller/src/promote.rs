@@ -27,6 +27,17 @@ pub struct Refused {
     pub message: String,
 }
 
+/// What the source environment says of the release: the digests its hosts
+/// ran, and the facts the promotion gates of `crate::policy` need.
+#[derive(Debug, Clone)]
+pub struct Promoted {
+    pub digests: BTreeMap<String, String>,
+    /// When the first host that ran it successfully started running it.
+    pub first_ran_at: Option<jiff::Timestamp>,
+    /// Hosts that ran it successfully and no longer serve it.
+    pub not_serving: Vec<String>,
+}
+
 /// The digests `source` recorded for `release`.
 pub async fn source_digests(
     inv: &Inventory,
@@ -35,7 +46,7 @@ pub async fn source_digests(
     release: &str,
     out: &std::sync::Arc<Reporter>,
     transport: &TransportOptions,
-) -> Result<BTreeMap<String, String>, Refused> {
+) -> Result<Promoted, Refused> {
     let src = inv.environment(source).map_err(|e| Refused {
         code: exit::CONFIG,
         message: format!("--promote-from: {e}"),
@@ -74,13 +85,21 @@ fn decide(
     clients: &[AgentClient],
     answers: Vec<Result<Option<ReleaseInfo>, CallError>>,
     out: &Reporter,
-) -> Result<BTreeMap<String, String>, Refused> {
+) -> Result<Promoted, Refused> {
     let mut good: Vec<(&str, BTreeMap<String, String>)> = Vec::new();
+    let mut first_ran_at: Option<jiff::Timestamp> = None;
+    let mut not_serving = Vec::new();
     let mut notes = Vec::new();
     let mut errors: Vec<CallError> = Vec::new();
     for (c, a) in clients.iter().zip(answers) {
         match a {
             Ok(Some(info)) if info.state == "good" || info.serving => {
+                if let Ok(at) = info.created_at.parse::<jiff::Timestamp>() {
+                    first_ran_at = Some(first_ran_at.map_or(at, |f| f.min(at)));
+                }
+                if !info.serving {
+                    not_serving.push(c.host.clone());
+                }
                 good.push((&c.host, info.digests));
             }
             Ok(Some(info)) => notes.push(format!("{}: {}", c.host, info.state)),
@@ -123,5 +142,9 @@ fn decide(
             });
         }
     }
-    Ok(digests)
+    Ok(Promoted {
+        digests,
+        first_ran_at,
+        not_serving,
+    })
 }

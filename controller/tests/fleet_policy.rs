@@ -1,0 +1,159 @@
+//! The safety gates of an environment's policy against real agents: a
+//! deploy outside the deployment window is denied (exit 6) with the gate
+//! and the time it would pass, and changes nothing; `--override` deploys
+//! anyway and every host audits the reason; the rate limit reads the
+//! hosts' own history.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// An inventory of environment `production` (hosts `agents`) whose
+/// `[environments.production.policy]` table has `policy` as its body.
+fn inventory(dir: &Path, pki: &Pki, agents: &[Agent], policy: &str) -> PathBuf {
+    let mut t = String::from(
+        "[environments.production]\nproject = \"web\"\ncompose = \"compose.yml\"\n\
+         strategy = { canary = 1, batch = \"100%\" }\n",
+    );
+    t.push_str(&tls_table(
+        "environments.production.tls",
+        &pki.ca(),
+        &pki.client("ci-production"),
+    ));
+    t.push_str(&format!("\n[environments.production.policy]\n{policy}\n"));
+    for a in agents {
+        t.push_str(&format!(
+            "\n[[environments.production.hosts]]\n{}",
+            a.host_toml("")
+        ));
+    }
+    let path = dir.join(format!("deploy-{}.toml", unique("p")));
+    std::fs::write(&path, t).expect("write the inventory");
+    std::fs::write(dir.join("compose.yml"), compose(1)).expect("write the compose file");
+    path
+}
+
+fn deploy(inv: &Path, release: &str, extra: &[&str]) -> Run {
+    let tag = format!("TAG={release}");
+    let mut args = vec![
+        "deploy",
+        "--env",
+        "production",
+        "--release",
+        release,
+        "--var",
+        &tag,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    run(inv, &args)
+}
+
+#[test]
+fn outside_the_window_is_denied_and_override_deploys_with_an_audited_reason() {
+    let pki = Pki::new();
+    let agents = start_agents(
+        &pki,
+        "production",
+        &["p1", "p2"],
+        "\"ci-production\" = \"deployer\"",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A window on tomorrow only (UTC): closed now, opens at midnight.
+    let tomorrow = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date()
+        .tomorrow()
+        .expect("tomorrow");
+    let day = tomorrow.strftime("%a").to_string();
+    let inv = inventory(
+        dir.path(),
+        &pki,
+        &agents,
+        &format!("timezone = \"UTC\"\nwindows = [\"{day} 00:00-24:00\"]"),
+    );
+
+    let r = deploy(&inv, "v1", &[]);
+    r.expect_code(6);
+    let s = r.summary();
+    assert_eq!(s["outcome"], "refused", "{r}");
+    assert_eq!(s["gate"], "window", "{r}");
+    let message = s["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("window gate: outside the deployment window")
+            && message.contains(&format!("it would pass at {tomorrow}T00:00:00Z"))
+            && message.contains("--override"),
+        "{r}"
+    );
+    assert_eq!(
+        releases(&inv, "production"),
+        vec![None, None],
+        "nothing changed"
+    );
+    for a in &agents {
+        assert!(
+            a.harness.history("web").is_empty(),
+            "{}: a deploy ran",
+            a.name
+        );
+    }
+
+    // An override without a reason is a usage error.
+    deploy(&inv, "v1", &["--override", " "]).expect_code(2);
+
+    let r = deploy(&inv, "v1", &["--override", "hotfix for INC-7"]);
+    r.expect_code(0);
+    assert!(
+        r.stderr.contains("OVERRIDE") || r.stdout.contains("OVERRIDE"),
+        "the override must be loud: {r}"
+    );
+    assert_eq!(
+        releases(&inv, "production"),
+        vec![Some("v1".into()), Some("v1".into())]
+    );
+    for a in &agents {
+        let audited = a.harness.audit_export(Some("web"));
+        assert!(
+            audited.iter().any(|rec| {
+                let reason = rec["reason"].as_str().unwrap_or_default();
+                reason.contains("OVERRIDE of the window gate(s)")
+                    && reason.contains("hotfix for INC-7")
+            }),
+            "{}: no audited override in {audited:#?}",
+            a.name
+        );
+    }
+}
+
+#[test]
+fn the_rate_limit_counts_the_hosts_own_history() {
+    let pki = Pki::new();
+    let agents = start_agents(
+        &pki,
+        "production",
+        &["p1"],
+        "\"ci-production\" = \"deployer\"",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inv = inventory(dir.path(), &pki, &agents, "rate_limit = \"1/1h\"");
+
+    deploy(&inv, "v1", &[]).expect_code(0);
+    let r = deploy(&inv, "v2", &[]);
+    r.expect_code(6);
+    let s = r.summary();
+    assert_eq!(s["gate"], "rate_limit", "{r}");
+    let message = s["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("rate limit 1/1h: 1 deploy(s) in the last 1h (v1 at ")
+            && message.contains("it would pass at "),
+        "{r}"
+    );
+    assert_eq!(releases(&inv, "production"), vec![Some("v1".into())]);
+    deploy(&inv, "v2", &["--override", "urgent fix"]).expect_code(0);
+    assert_eq!(releases(&inv, "production"), vec![Some("v2".into())]);
+    // Rollbacks are never gated, though a deploy would be denied now.
+    run(&inv, &["rollback", "--env", "production", "--json"]).expect_code(0);
+    assert_eq!(releases(&inv, "production"), vec![Some("v1".into())]);
+}
