@@ -333,6 +333,45 @@ pub async fn history(
     code
 }
 
+/// `deploy-controller dora`: the DORA figures of the last `since`, from
+/// every host's history (see [`crate::dora`]). A host that cannot answer
+/// is reported and sets the exit code; the figures are of the others.
+pub async fn dora(
+    inv: &Inventory,
+    env: &str,
+    since: std::time::Duration,
+    json: bool,
+    transport: &TransportOptions,
+) -> i32 {
+    let (env, clients) = match setup(inv, env, transport) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let until = jiff::Timestamp::now();
+    let from = match jiff::SignedDuration::try_from(since)
+        .ok()
+        .and_then(|d| until.checked_sub(d).ok())
+    {
+        Some(t) => t,
+        None => {
+            eprintln!("error: --since {since:?} reaches before the year -9999");
+            return exit::CONFIG;
+        }
+    };
+    let answers = join_all(clients.iter().map(|c| c.history(&env.project))).await;
+    let (all, code) = merge(&clients, answers);
+    let f = crate::dora::figures(&all, from, until);
+    if json {
+        println!("{}", serde_json::to_string(&f).unwrap_or_default());
+    } else {
+        print!(
+            "{}",
+            crate::dora::text(&env.name, &env.project, clients.len(), &f)
+        );
+    }
+    code
+}
+
 /// Every host's records, each tagged with its host; a host that could not
 /// answer is reported on stderr and sets the exit code, the others are kept.
 fn merge<T>(

@@ -4,7 +4,8 @@
 //!
 //! Pure core (no I/O, unit-tested): [`fleet`] (the rollout state machine and
 //! the wave plan), [`policy`] (the safety gates: windows, blackouts, rate
-//! limit, promotion age) and [`inventory`] (the deploy.toml model and its
+//! limit, promotion age), [`dora`] (DORA figures from the hosts' history)
+//! and [`inventory`] (the deploy.toml model and its
 //! checks).
 //! Thin adapters: [`client`] (the agent API over HTTPS), [`lease`] (the
 //! environment lock on every host), [`promote`] (digests from the source
@@ -14,6 +15,7 @@
 pub mod client;
 pub mod commands;
 pub mod deploy;
+pub mod dora;
 pub mod exit;
 pub mod fleet;
 pub mod install; // issue 5: `deploy-controller install` over SSH

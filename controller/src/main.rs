@@ -113,6 +113,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// DORA figures from the hosts' history: deployment frequency, change
+    /// failure rate, time to restore, rollback rate.
+    Dora {
+        #[arg(long)]
+        env: String,
+        /// The period, back from now.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        since: Duration,
+        #[arg(long)]
+        json: bool,
+    },
     /// Install deploy-agent on hosts over SSH: binary (or .deb), agent.toml,
     /// certificates; start the services. Idempotent (docs/ssh.md).
     Install {
@@ -357,6 +368,10 @@ async fn run(cli: Cli) -> i32 {
         },
         Cmd::History { env, limit, json } => match load(&cli.inventory) {
             Ok(inv) => commands::history(&inv, &env, limit, json, &transport).await,
+            Err(code) => code,
+        },
+        Cmd::Dora { env, since, json } => match load(&cli.inventory) {
+            Ok(inv) => commands::dora(&inv, &env, since, json, &transport).await,
             Err(code) => code,
         },
         Cmd::Audit {

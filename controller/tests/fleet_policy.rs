@@ -156,4 +156,21 @@ fn the_rate_limit_counts_the_hosts_own_history() {
     // Rollbacks are never gated, though a deploy would be denied now.
     run(&inv, &["rollback", "--env", "production", "--json"]).expect_code(0);
     assert_eq!(releases(&inv, "production"), vec![Some("v1".into())]);
+
+    // The DORA figures of that: two changes, v2 undone by a rollback; the
+    // denied attempt changed nothing and is not a change.
+    let r = run(&inv, &["dora", "--env", "production", "--json"]);
+    r.expect_code(0);
+    let f: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("dora --json");
+    assert_eq!(f["changes"], 2, "{r}");
+    assert_eq!(f["failed_changes"], 1, "{r}");
+    assert_eq!(f["deployments"], 1, "{r}");
+    assert_eq!(f["rollbacks"], 1, "{r}");
+    assert_eq!(f["failures"][0]["release"], "v2", "{r}");
+    assert_eq!(f["failures"][0]["why"], "rolled back on p1", "{r}");
+    assert!(f["time_to_restore_median_ms"].as_u64().is_some(), "{r}");
+    let r = run(&inv, &["dora", "--env", "production"]);
+    r.expect_code(0);
+    assert!(r.stdout.contains("1 of 2 change(s) failed: 50.0%"), "{r}");
+    run(&inv, &["dora", "--env", "production", "--since", "soon"]).expect_code(2);
 }
