@@ -56,6 +56,109 @@ pub struct AgentConfig {
     /// Client certificate identity (its CN) → `"deployer"` or `"reader"` here.
     pub grants: BTreeMap<String, crate::wire::Role>,
     // --- end issue 4 ---
+    /// `[notify]`: a webhook told of every deploy and rollback (see
+    /// `crate::notify`). Absent: no notifications.
+    pub notify: Option<NotifyConfig>,
+}
+
+/// `[notify]` in agent.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Where the JSON is POSTed (Slack-compatible: an incoming webhook URL).
+    pub webhook: WebhookUrl,
+    /// Which events are sent; default all of them.
+    #[serde(default = "NotifyEvent::all")]
+    pub events: Vec<NotifyEvent>,
+    /// How long one attempt may take (connect, send, answer).
+    #[serde(default = "default_notify_timeout", with = "humantime_serde_compat")]
+    pub timeout: std::time::Duration,
+}
+
+fn default_notify_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
+}
+
+/// What a notification is about. The names are those of the audit actions
+/// (`deploy.started`, `deploy.succeeded`, `deploy.failed`) and of the
+/// rollout's ending (`RolledBack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyEvent {
+    /// A deploy or a rollback began (its first step is about to run).
+    Started,
+    /// A deploy now serves its release.
+    Succeeded,
+    /// A deploy or a rollback failed; the release serving before still serves.
+    Failed,
+    /// Traffic went back to the previous release: a rollback (by hand or by
+    /// the controller) succeeded, or the observation window failed a gate and
+    /// the agent undid the deploy by itself (`automatic`).
+    RolledBack,
+}
+
+impl NotifyEvent {
+    pub fn all() -> Vec<NotifyEvent> {
+        vec![
+            NotifyEvent::Started,
+            NotifyEvent::Succeeded,
+            NotifyEvent::Failed,
+            NotifyEvent::RolledBack,
+        ]
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyEvent::Started => "started",
+            NotifyEvent::Succeeded => "succeeded",
+            NotifyEvent::Failed => "failed",
+            NotifyEvent::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// An `http://` or `https://` URL with a host, checked when agent.toml is read.
+#[derive(Clone)]
+pub struct WebhookUrl(pub reqwest::Url);
+
+/// The URL's secret path (a Slack webhook's token) stays out of logs.
+impl std::fmt::Debug for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.redacted())
+    }
+}
+
+impl WebhookUrl {
+    /// `scheme://host[:port]/…`: enough to say where, not the token.
+    pub fn redacted(&self) -> String {
+        let port = self.0.port().map(|p| format!(":{p}")).unwrap_or_default();
+        format!(
+            "{}://{}{port}/…",
+            self.0.scheme(),
+            self.0.host_str().unwrap_or("")
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for WebhookUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<WebhookUrl, D::Error> {
+        let s = String::deserialize(d)?;
+        let url = reqwest::Url::parse(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "not a URL ({e}); write the whole webhook URL, e.g. \"https://hooks.slack.com/services/…\""
+            ))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(serde::de::Error::custom(format!(
+                "the webhook URL must be http:// or https://, not {}://",
+                url.scheme()
+            )));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(serde::de::Error::custom("the webhook URL has no host"));
+        }
+        Ok(WebhookUrl(url))
+    }
 }
 
 /// `"5m"`-style durations in agent.toml.
@@ -97,6 +200,7 @@ impl Default for AgentConfig {
             tls_ca: None,
             environment: None,
             grants: BTreeMap::new(),
+            notify: None,
         }
     }
 }
@@ -218,6 +322,29 @@ impl AgentConfig {
             ));
         }
         crate::api::validate_config(&cfg).map_err(keyed)?;
+        if let Some(n) = &cfg.notify {
+            if n.timeout.is_zero() || n.timeout > std::time::Duration::from_secs(60) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    line: table_key_line(text, "notify", "timeout")
+                        .or_else(|| top_level_key_line(text, "notify")),
+                    key: Some("notify.timeout".into()),
+                    message: format!(
+                        "{} is out of range: more than 0s, at most 60s (each attempt; a deploy never waits for it)",
+                        humantime::format_duration(n.timeout)
+                    ),
+                });
+            }
+            if n.events.is_empty() {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    line: table_key_line(text, "notify", "events")
+                        .or_else(|| top_level_key_line(text, "notify")),
+                    key: Some("notify.events".into()),
+                    message: "is empty; name at least one of \"started\", \"succeeded\", \"failed\", \"rolled_back\", or leave the key out for all of them (remove [notify] for none)".into(),
+                });
+            }
+        }
         Ok(cfg)
     }
 }
@@ -294,6 +421,28 @@ fn top_level_key_line(text: &str, key: &str) -> Option<usize> {
         if line
             .strip_prefix(key)
             .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// The line of `key = …` inside the table `[table]`.
+fn table_key_line(text: &str, table: &str, key: &str) -> Option<usize> {
+    let mut inside = false;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if let Some(header) = line.strip_prefix('[') {
+            inside = header
+                .strip_prefix(table)
+                .is_some_and(|rest| rest.trim_start().starts_with(']'));
+            continue;
+        }
+        if inside
+            && line
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
         {
             return Some(i + 1);
         }
@@ -424,6 +573,77 @@ mod tests {
         assert_eq!(top_level_key_line(text, "retain"), None);
         let err = refusal(text);
         assert!(err.contains(", line 3, key `grants`: "), "{err}");
+    }
+
+    #[test]
+    fn notify_defaults_and_values() {
+        assert!(AgentConfig::default().notify.is_none());
+        let cfg = AgentConfig::parse(
+            Path::new("a"),
+            "[notify]\nwebhook = \"https://hooks.slack.com/services/T0/B0/secret\"\n",
+        )
+        .unwrap();
+        let n = cfg.notify.unwrap();
+        assert_eq!(n.webhook.0.host_str(), Some("hooks.slack.com"));
+        assert_eq!(n.events, NotifyEvent::all());
+        assert_eq!(n.timeout, std::time::Duration::from_secs(5));
+        // The token in the path stays out of logs.
+        assert_eq!(format!("{:?}", n.webhook), "https://hooks.slack.com/…");
+        let cfg = AgentConfig::parse(
+            Path::new("a"),
+            "[notify]\nwebhook = \"http://127.0.0.1:9000/hook\"\nevents = [\"failed\", \"rolled_back\"]\ntimeout = \"2s\"\n",
+        )
+        .unwrap();
+        let n = cfg.notify.unwrap();
+        assert_eq!(n.events, [NotifyEvent::Failed, NotifyEvent::RolledBack]);
+        assert_eq!(n.timeout, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn notify_refusals_name_file_line_and_key() {
+        let head = "instance = \"a\"\n\n[notify]\n";
+        let err = refusal(&format!("{head}webhook = \"hooks.slack.com/x\"\n"));
+        assert!(
+            err.starts_with(
+                "invalid agent config /etc/deploy-agent/agent.toml, line 4, key `notify.webhook`: not a URL"
+            ),
+            "{err}"
+        );
+        let err = refusal(&format!("{head}webhook = \"ftp://example.com/x\"\n"));
+        assert!(
+            err.contains(", line 4, key `notify.webhook`: the webhook URL must be http:// or https://, not ftp://"),
+            "{err}"
+        );
+        let err = refusal(&format!(
+            "{head}webhook = \"https://h.example/x\"\nevents = [\"failed\", \"start\"]\n"
+        ));
+        assert!(err.contains(", line 5, key `notify.events"), "{err}");
+        assert!(err.contains("unknown variant `start`"), "{err}");
+        assert!(err.contains("rolled_back"), "{err}");
+        let err = refusal(&format!(
+            "{head}webhook = \"https://h.example/x\"\nevents = []\n"
+        ));
+        assert!(
+            err.contains(", line 5, key `notify.events`: is empty"),
+            "{err}"
+        );
+        let err = refusal(&format!(
+            "{head}webhook = \"https://h.example/x\"\ntimeout = \"0s\"\n"
+        ));
+        assert!(
+            err.contains(", line 5, key `notify.timeout`: 0s is out of range"),
+            "{err}"
+        );
+        let err = refusal(&format!(
+            "{head}webhook = \"https://h.example/x\"\nurl = \"https://h.example/y\"\n"
+        ));
+        assert!(
+            err.contains(", line 5, key `notify.url`: unknown field"),
+            "{err}"
+        );
+        let err = refusal(&format!("{head}events = [\"failed\"]\n"));
+        assert!(err.contains("key `notify"), "{err}");
+        assert!(err.contains("missing field `webhook`"), "{err}");
     }
 
     /// docs/configuration.md and packaging/agent.toml cover every key the

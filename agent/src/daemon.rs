@@ -192,6 +192,8 @@ pub async fn run(engine: Engine, state_dir: &Path) -> anyhow::Result<()> {
     }
     server.abort();
     let _ = std::fs::remove_file(&sock);
+    // Webhook notifications still queued (an operation that just ended).
+    engine.notifier.flush_before_exit().await;
     Ok(())
 }
 

@@ -14,6 +14,7 @@ pub mod health;
 pub mod local_client;
 pub mod lock;
 pub mod metrics;
+pub mod notify;
 pub mod observe;
 pub mod proxy;
 pub mod rollout;

@@ -308,11 +308,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
                     Err(e) => return Ok(fail(e)),
                 };
                 let who = daemon::unix_user(nix::unistd::getuid().as_raw());
+                let notifier = engine.notifier.clone();
                 let result = in_process(&mut printer, |tx| async move {
                     engine.deploy(&req, &who, &tx).await
                 })
                 .await;
                 printer.event(Event::Result(result));
+                notifier.flush_before_exit().await;
             }
             Ok(printer.exit_code())
         }
@@ -344,11 +346,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
                     Err(e) => return Ok(fail(e)),
                 };
                 let who = daemon::unix_user(nix::unistd::getuid().as_raw());
+                let notifier = engine.notifier.clone();
                 let result = in_process(&mut printer, |tx| async move {
                     engine.rollback(&req, &who, &tx).await
                 })
                 .await;
                 printer.event(Event::Result(result));
+                notifier.flush_before_exit().await;
             }
             Ok(printer.exit_code())
         }

@@ -16,6 +16,8 @@
 //!   answers, are not counted here);
 //! - proxy responses by release and status class: the proxy's own counters
 //!   (`ProxyClient::status`), which count since its route was created;
+//! - webhook notifications sent and failed: counters in this process
+//!   ([`NOTIFICATIONS`]), like the probes;
 //! - the reconciliation loop and operations in progress: the daemon's
 //!   [`StatusBoard`].
 
@@ -99,6 +101,36 @@ impl ProbeCounters {
     }
 }
 
+/// Webhook notifications of this process (`crate::notify`), by whether the
+/// receiver took them (`sent`) or every attempt failed (`failed`).
+pub static NOTIFICATIONS: NotificationCounters = NotificationCounters::new();
+
+pub struct NotificationCounters {
+    sent: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Default for NotificationCounters {
+    fn default() -> Self {
+        NotificationCounters::new()
+    }
+}
+
+impl NotificationCounters {
+    pub const fn new() -> NotificationCounters {
+        NotificationCounters {
+            sent: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one notification, delivered or given up.
+    pub fn record(&self, sent: bool) {
+        let c = if sent { &self.sent } else { &self.failed };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// (project, kind, outcome) → count.
 type Counts = BTreeMap<(String, String, String), u64>;
 
@@ -163,6 +195,7 @@ impl Metrics {
 
         self.loop_metrics(&mut t);
         probe_metrics(&mut t);
+        notification_metrics(&mut t);
         self.proxy_metrics(&mut t).await;
         t.out
     }
@@ -467,6 +500,21 @@ fn probe_metrics(t: &mut Text) {
                 PROBES.get(k, r),
             );
         }
+    }
+}
+
+fn notification_metrics(t: &mut Text) {
+    let name = "deploy_agent_notifications_total";
+    t.family(
+        name,
+        "counter",
+        "Webhook notifications ([notify] in agent.toml) by outcome: sent (the receiver answered 2xx) or failed (every attempt failed, or dropped), since the daemon started.",
+    );
+    for (outcome, c) in [
+        ("sent", &NOTIFICATIONS.sent),
+        ("failed", &NOTIFICATIONS.failed),
+    ] {
+        t.sample(name, &[("outcome", outcome)], c.load(Ordering::Relaxed));
     }
 }
 

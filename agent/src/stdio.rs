@@ -382,7 +382,9 @@ pub async fn serve(state_dir: &Path, config: Option<PathBuf>, version: &str) -> 
     if let Err(e) = audit_ssh_request(&engine.store, &who, &caller, "in_process") {
         return out.refusal(e.into());
     }
-    in_process(&engine, &req, &who, &out).await
+    let code = in_process(&engine, &req, &who, &out).await;
+    engine.notifier.flush_before_exit().await;
+    code
 }
 
 /// Hands the request to the daemon; `Ok(None)` when none answers.

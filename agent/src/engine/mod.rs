@@ -84,6 +84,8 @@ pub struct Engine {
     pub store: Arc<Store>,
     pub docker: DockerClient,
     pub proxy: ProxyClient,
+    /// The webhook (`[notify]`), told when an operation starts and ends.
+    pub notifier: crate::notify::Notifier,
     /// Test-only fault injection: `DEPLOY_AGENT_CRASH_AT=<step>` kills the
     /// process right after that step is persisted (see ARCHITECTURE.md).
     crash_at: Option<String>,
@@ -97,6 +99,8 @@ pub(crate) struct Ctx<'a> {
     pub old: Option<&'a ProjectSpec>,
     pub previous: Option<&'a str>,
     pub who: &'a str,
+    /// The reason given with the request (`--reason`).
+    pub reason: Option<&'a str>,
     pub events: &'a Events,
     /// What the result reports besides the ending.
     pub report: std::sync::Mutex<OpReport>,
@@ -123,12 +127,15 @@ impl Engine {
         })?;
         let store = Store::open(&state_dir.join("state.db"))?;
         let docker = DockerClient::connect().await?;
+        let notifier =
+            crate::notify::Notifier::new(config.notify.as_ref(), config.environment.as_deref());
         Ok(Engine {
             state_dir: state_dir.to_path_buf(),
             config,
             store: Arc::new(store),
             docker,
             proxy: ProxyClient::new(state_dir.join("proxy.sock")),
+            notifier,
             crash_at: std::env::var("DEPLOY_AGENT_CRASH_AT").ok(),
         })
     }
@@ -289,6 +296,7 @@ impl Engine {
             old: old_spec.as_ref(),
             previous: current.as_deref(),
             who,
+            reason: req.reason.as_deref(),
             events: ev,
             report: Default::default(),
         };
@@ -407,6 +415,7 @@ impl Engine {
             old: Some(&old_spec),
             previous: Some(&current),
             who,
+            reason: req.reason.as_deref(),
             events: ev,
             report: Default::default(),
         };
@@ -503,6 +512,21 @@ impl Engine {
                 "compose_path": ctx.target.source.compose_path,
             }),
         })?;
+        self.notifier.send(crate::notify::Notification {
+            event: crate::config::NotifyEvent::Started,
+            operation: ctx.kind,
+            project: ctx.project.to_string(),
+            release: ctx.target.release.clone(),
+            previous: ctx.previous.map(str::to_string),
+            serving: None,
+            outcome: None,
+            automatic: false,
+            failure: None,
+            message: None,
+            who: ctx.who.to_string(),
+            reason: ctx.reason.map(str::to_string),
+            duration_ms: None,
+        });
         emit(
             ctx.events,
             ctx.project,
@@ -610,6 +634,15 @@ impl Engine {
             outcome = outcome.as_str(),
             "{message}"
         );
+        // Durable first (above), then the webhook; never waited for.
+        self.notifier.send(ending_notification(
+            ctx,
+            &ending,
+            outcome,
+            serving.clone(),
+            message.clone(),
+            millis(started.elapsed()),
+        ));
         let mut result = self.result(
             ctx.kind,
             ctx.project,
@@ -926,6 +959,57 @@ fn plan_services(target: &ProjectSpec, old: Option<&ProjectSpec>) -> Vec<Service
         }
     }
     services
+}
+
+/// What the webhook hears when an operation ends: `succeeded` (a deploy),
+/// `rolled_back` (a rollback that succeeded, or a deploy the agent undid by
+/// itself after its observation window or a canary hold failed a gate:
+/// `automatic`), else `failed` (the previous release still serves).
+fn ending_notification(
+    ctx: &Ctx<'_>,
+    ending: &Ending,
+    outcome: Outcome,
+    serving: Option<String>,
+    message: String,
+    duration_ms: u64,
+) -> crate::notify::Notification {
+    use crate::config::NotifyEvent;
+    let (event, automatic, failure) = match ending {
+        Ending::Succeeded { .. } if ctx.kind == OperationKind::Rollback => {
+            (NotifyEvent::RolledBack, false, None)
+        }
+        Ending::Succeeded { .. } => (NotifyEvent::Succeeded, false, None),
+        Ending::RolledBack { failure, .. } => {
+            let automatic = ctx.kind == OperationKind::Deploy
+                && failure.kind != FailureKind::Interrupted
+                && matches!(failure.step.as_str(), "observe" | "canary_hold");
+            let event = if automatic {
+                NotifyEvent::RolledBack
+            } else {
+                NotifyEvent::Failed
+            };
+            let failure = crate::notify::FailureNote {
+                step: failure.step.clone(),
+                reason: failure.reason.clone(),
+            };
+            (event, automatic, Some(failure))
+        }
+    };
+    crate::notify::Notification {
+        event,
+        operation: ctx.kind,
+        project: ctx.project.to_string(),
+        release: ctx.target.release.clone(),
+        previous: ctx.previous.map(str::to_string),
+        serving,
+        outcome: Some(outcome),
+        automatic,
+        failure,
+        message: Some(message),
+        who: ctx.who.to_string(),
+        reason: ctx.reason.map(str::to_string),
+        duration_ms: Some(duration_ms),
+    }
 }
 
 pub(crate) fn emit(

@@ -96,6 +96,7 @@ impl Engine {
                 old: old.as_ref(),
                 previous: op.previous.as_deref(),
                 who: RECONCILER,
+                reason: op.reason.as_deref(),
                 events: ev,
                 report: Default::default(),
             };
