@@ -319,6 +319,10 @@ pub enum Role {
     Reader,
     /// Also deploy, rollback, pre-pull and the environment lock.
     Deployer,
+    /// Reads, and approves a release for deploy (`deploy-controller
+    /// approve`, the `approvals` gate). Cannot deploy, and a deployer
+    /// cannot approve: whoever ships a release is not who approved it.
+    Approver,
 }
 
 impl Role {
@@ -326,8 +330,41 @@ impl Role {
         match self {
             Role::Reader => "reader",
             Role::Deployer => "deployer",
+            Role::Approver => "approver",
         }
     }
+
+    /// Whether this granted role may do what `required` allows: every role
+    /// reads; deploying and approving each need their own role.
+    pub fn permits(self, required: Role) -> bool {
+        required == Role::Reader || self == required
+    }
+}
+
+/// `POST /v1/approvals`: the caller (a certificate with the `approver`
+/// role) approves `release` of `project` for deploy. Audited on the host
+/// as `release.approved`; the controller's `approvals` gate counts these
+/// records by distinct identity.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRequest {
+    pub project: String,
+    pub release: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The audit action of an approval.
+pub const APPROVAL_ACTION: &str = "release.approved";
+
+/// The answer to an approval: the audit record's sequence number and time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApprovalRecorded {
+    pub who: String,
+    pub project: String,
+    pub release: String,
+    pub seq: i64,
+    pub ts: String,
 }
 
 /// Why an mTLS request was refused with 403.

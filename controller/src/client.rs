@@ -27,9 +27,10 @@ use std::time::Duration;
 
 use deploy_agent::store::AuditRecord;
 use deploy_agent::wire::{
-    ApiError, DeployRequest, Event, HistoryEntry, Lease, LockGranted, LockRequest, OperationResult,
-    Outcome, PullRequest, PullResult, ReleaseInfo, RollbackRequest, StatusReport, StdioCaller,
-    StdioLine, StdioOp, StdioQuery, StdioRequest, UnlockRequest,
+    ApiError, ApprovalRecorded, ApprovalRequest, DeployRequest, Event, HistoryEntry, Lease,
+    LockGranted, LockRequest, OperationResult, Outcome, PullRequest, PullResult, ReleaseInfo,
+    RollbackRequest, StatusReport, StdioCaller, StdioLine, StdioOp, StdioQuery, StdioRequest,
+    UnlockRequest,
 };
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
@@ -487,6 +488,12 @@ impl AgentClient {
             self.call(Method::GET, &path, None::<&()>)
         })
         .await
+    }
+
+    /// Approves a release on this host (HTTPS only: an approval is the
+    /// client certificate's identity, which SSH does not carry).
+    pub async fn approve(&self, req: &ApprovalRequest) -> Result<ApprovalRecorded, CallError> {
+        self.call(Method::POST, "/v1/approvals", Some(req)).await
     }
 
     /// The release record; `Ok(None)` when this host never ran it.

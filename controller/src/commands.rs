@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use deploy_agent::store::AuditRecord;
-use deploy_agent::wire::{HistoryEntry, Outcome, ProjectStatus};
+use deploy_agent::wire::{ApprovalRequest, HistoryEntry, Outcome, ProjectStatus};
 use futures_util::future::join_all;
 use serde::Serialize;
 
@@ -329,6 +329,95 @@ pub async fn history(
     }
     if all.is_empty() && !json && code == exit::SUCCESS {
         println!("no operations recorded for {} in {}", env.project, env.name);
+    }
+    code
+}
+
+/// `deploy-controller approve`: records this certificate's approval of
+/// `release` on every host of the environment (the `approvals` gate counts
+/// them). `cert`/`key` replace the environment's client certificate: an
+/// approver uses their own. HTTPS only.
+pub async fn approve(
+    inv: &Inventory,
+    env: &str,
+    release: &str,
+    reason: Option<String>,
+    own: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    json: bool,
+) -> i32 {
+    let env = match inv.environment(env) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::CONFIG;
+        }
+    };
+    let Some(tls) = &env.tls else {
+        eprintln!(
+            "error: approvals are given with a client certificate over the agents' HTTPS API, and environment {} \
+             has none: add `[environments.{}.tls]` (or a top-level `[tls]`) with the agents' CA",
+            env.name, env.name
+        );
+        return exit::CONFIG;
+    };
+    let files = match own {
+        Some((cert, key)) => crate::inventory::TlsFiles {
+            ca: tls.ca.clone(),
+            cert,
+            key,
+        },
+        None => crate::inventory::TlsFiles {
+            ca: tls.ca.clone(),
+            cert: tls.cert.clone(),
+            key: tls.key.clone(),
+        },
+    };
+    let http = match client::http_client_with(&files, env.connect_timeout) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::CONFIG;
+        }
+    };
+    let clients: Vec<AgentClient> = env
+        .hosts
+        .iter()
+        .map(|h| AgentClient::new(h, http.clone()))
+        .collect();
+    let req = ApprovalRequest {
+        project: env.project.clone(),
+        release: release.to_string(),
+        reason,
+    };
+    let answers = join_all(clients.iter().map(|c| c.approve(&req))).await;
+    let mut code = exit::SUCCESS;
+    for (c, a) in clients.iter().zip(answers) {
+        match a {
+            Ok(r) => {
+                if json {
+                    let line = serde_json::json!({
+                        "host": c.host, "approved": true, "who": r.who,
+                        "project": r.project, "release": r.release, "seq": r.seq, "ts": r.ts,
+                    });
+                    println!("{line}");
+                } else {
+                    println!(
+                        "{}: {} approved {} of {} (audit record {} at {})",
+                        c.host, r.who, r.release, r.project, r.seq, r.ts
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                if json {
+                    let line = serde_json::json!({"host": c.host, "approved": false, "error": e.to_string()});
+                    println!("{line}");
+                }
+                if code == exit::SUCCESS {
+                    code = e.outcome().exit_code();
+                }
+            }
+        }
     }
     code
 }

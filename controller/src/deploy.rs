@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deploy_agent::wire::{
-    DeployRequest, OperationKind, OperationResult, Outcome, PullRequest, RollbackRequest,
+    APPROVAL_ACTION, DeployRequest, OperationKind, OperationResult, Outcome, PullRequest,
+    RollbackRequest,
 };
 use futures_util::future::join_all;
 use serde::Serialize;
@@ -293,7 +294,48 @@ async fn gate(
     let mut facts = policy::Facts {
         deploys: vec![],
         source,
+        approvals: vec![],
     };
+    if policy.approvals.is_some() {
+        // Approvals are audit records on the hosts (`release.approved`).
+        let answers = join_all(
+            ctx.clients
+                .iter()
+                .map(|c| c.audit(Some(&ctx.env.project), APPROVAL_SCAN)),
+        )
+        .await;
+        let mut errors = Vec::new();
+        for (c, a) in ctx.clients.iter().zip(answers) {
+            match a {
+                Ok(records) => facts.approvals.extend(records.into_iter().filter_map(|r| {
+                    let approved = r.action == APPROVAL_ACTION
+                        && r.release.as_deref() == Some(release)
+                        && r.who.starts_with("mtls:");
+                    let at = r.ts.parse::<jiff::Timestamp>().ok()?;
+                    approved.then_some((r.who, at))
+                })),
+                Err(e) => {
+                    out.warn(&format!(
+                        "approvals gate: no audit log from {}: {e}",
+                        c.host
+                    ));
+                    errors.push(e);
+                }
+            }
+        }
+        if errors.len() == ctx.clients.len() {
+            let (code, msg) = combine(&errors);
+            return Err(ctx.refuse(
+                "deploy",
+                release,
+                code,
+                format!(
+                    "approvals gate: no host of {} told its approvals, so they cannot be counted: {msg}",
+                    ctx.env.name
+                ),
+            ));
+        }
+    }
     if policy.rate_limit.is_some() {
         // The environment's own record: what its hosts say they deployed.
         let answers = join_all(ctx.clients.iter().map(|c| c.history(&ctx.env.project))).await;
@@ -371,6 +413,10 @@ async fn gate(
         )),
     }
 }
+
+/// How many of a host's newest audit records of the project the approvals
+/// gate reads.
+const APPROVAL_SCAN: usize = 10_000;
 
 /// `deploy-controller deploy`. Returns the exit code.
 pub async fn deploy(inv: &Inventory, opts: &DeployOptions, out: Arc<Reporter>) -> i32 {

@@ -26,6 +26,7 @@
 //! blackouts = ["2026-12-24..2027-01-02"]
 //! rate_limit = "1/4h"                # at most 1 successful deploy per 4 hours
 //! promotion = { min_age = "24h", still_serving = true }  # ran in promote_from that long ago, still serves there
+//! approvals = { min = 2, timeout = "24h" }  # distinct approver identities (deploy-controller approve)
 //!
 //! [[environments.production.hosts]]
 //! name = "web-1"
@@ -134,7 +135,20 @@ struct RawPolicy {
     rate_limit: Option<String>,
     #[serde(default)]
     promotion: Option<RawPromotionRule>,
+    #[serde(default)]
+    approvals: Option<RawApprovalRule>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApprovalRule {
+    min: usize,
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+/// How long an approval counts when `approvals.timeout` is not set.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -769,7 +783,28 @@ fn policy_of(p: &RawPolicy, at: &str, promotes: bool) -> Result<Policy, String> 
             .transpose()?;
         promotion_still_serving = rule.still_serving.unwrap_or(false);
     }
+    let approvals = match &p.approvals {
+        None => None,
+        Some(a) => {
+            if a.min == 0 {
+                return Err(format!(
+                    "`{pat}.approvals.min` must be at least 1 (remove `approvals` for none)"
+                ));
+            }
+            let timeout = match &a.timeout {
+                None => DEFAULT_APPROVAL_TIMEOUT,
+                Some(s) => humantime::parse_duration(s).map_err(|err| {
+                    format!("`{pat}.approvals.timeout` {s:?} is not a duration like \"4h\": {err}")
+                })?,
+            };
+            Some(policy::ApprovalRule {
+                min: a.min,
+                timeout,
+            })
+        }
+    };
     Ok(Policy {
+        approvals,
         timezone,
         timezone_name,
         windows,
@@ -1012,6 +1047,14 @@ agent = "p2:7443"
                 "needs `environments.a.promote_from`",
             ),
             ("approvers = 2", "approvers"),
+            (
+                "approvals = { min = 0 }",
+                "`environments.a.policy.approvals.min` must be at least 1",
+            ),
+            (
+                "approvals = { min = 1, timeout = \"later\" }",
+                "`environments.a.policy.approvals.timeout`",
+            ),
         ]
         .into_iter()
         .map(|(line, needle)| (format!("{base}[environments.a.policy]\n{line}\n"), needle))

@@ -113,6 +113,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Approve a release for deploy to an environment: recorded in every
+    /// host's audit log under this certificate's identity (it needs the
+    /// `approver` role); the environment's `approvals` gate counts them.
+    Approve {
+        #[arg(long)]
+        env: String,
+        #[arg(long)]
+        release: String,
+        /// Why (kept with the approval).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Your own client certificate (PEM) instead of the environment's.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// Its private key.
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// DORA figures from the hosts' history: deployment frequency, change
     /// failure rate, time to restore, rollback rate.
     Dora {
@@ -370,6 +390,27 @@ async fn run(cli: Cli) -> i32 {
             Ok(inv) => commands::history(&inv, &env, limit, json, &transport).await,
             Err(code) => code,
         },
+        Cmd::Approve {
+            env,
+            release,
+            reason,
+            cert,
+            key,
+            json,
+        } => {
+            if transport.transport == Transport::Ssh {
+                eprintln!(
+                    "error: --transport ssh: an approval is a client certificate's identity, given over the agents' HTTPS API only"
+                );
+                return exit::CONFIG;
+            }
+            match load(&cli.inventory) {
+                Ok(inv) => {
+                    commands::approve(&inv, &env, &release, reason, cert.zip(key), json).await
+                }
+                Err(code) => code,
+            }
+        }
         Cmd::Dora { env, since, json } => match load(&cli.inventory) {
             Ok(inv) => commands::dora(&inv, &env, since, json, &transport).await,
             Err(code) => code,

@@ -1,7 +1,8 @@
 //! The safety gates of an environment (`[environments.E.policy]`):
 //! deployment windows in a named time zone, blackout dates, a rate limit,
-//! and the promotion rule (the release ran in the source environment at
-//! least so long ago, and still serves there).
+//! the promotion rule (the release ran in the source environment at least
+//! so long ago, and still serves there), and approvals (so many distinct
+//! identities with the `approver` role approved the release recently).
 //!
 //! Functional core: [`evaluate`] decides from the policy, the facts the
 //! deploy command gathered (recent deploys, the source's record) and the
@@ -36,6 +37,15 @@ pub struct Policy {
     /// Every host of the source environment that ran the release still
     /// serves it.
     pub promotion_still_serving: bool,
+    pub approvals: Option<ApprovalRule>,
+}
+
+/// `approvals = { min = 2, timeout = "24h" }`: at least `min` distinct
+/// identities approved the release within `timeout` before the deploy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalRule {
+    pub min: usize,
+    pub timeout: Duration,
 }
 
 /// `"Mon-Thu 09:00-15:00"`: days of the week and a time of day range
@@ -74,6 +84,8 @@ pub struct Facts {
     pub deploys: Vec<(String, Timestamp)>,
     /// The promotion source's record of the release, when promoting.
     pub source: Option<SourceFacts>,
+    /// Approvals of the release recorded on the hosts: identity, when.
+    pub approvals: Vec<(String, Timestamp)>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,7 +102,7 @@ pub struct SourceFacts {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Denial {
     /// `window`, `blackout`, `rate_limit`, `promotion_age`,
-    /// `promotion_serving`: the names in the inventory, output and audit.
+    /// `promotion_serving`, `approvals`: the names in the output and audit.
     pub gate: &'static str,
     pub message: String,
 }
@@ -209,6 +221,34 @@ pub fn evaluate(policy: &Policy, release: &str, facts: &Facts, now: Timestamp) -
             });
         }
     }
+    if let Some(rule) = &policy.approvals {
+        let valid = rule.valid(&facts.approvals, now);
+        if valid.len() < rule.min {
+            denials.push(Denial {
+                gate: "approvals",
+                message: format!(
+                    "{} of {} approval(s) of release {release} within the last {}{}; {} more needed from \
+                     distinct identities with the approver role (deploy-controller approve)",
+                    valid.len(),
+                    rule.min,
+                    humantime::format_duration(rule.timeout),
+                    if valid.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " ({})",
+                            valid
+                                .iter()
+                                .map(|(who, at)| format!("{who} at {}", short(*at)))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    },
+                    rule.min - valid.len()
+                ),
+            });
+        }
+    }
     let passes_at = if denials.is_empty() {
         None
     } else {
@@ -220,6 +260,12 @@ pub fn evaluate(policy: &Policy, release: &str, facts: &Facts, now: Timestamp) -
 /// The earliest instant from `now` at which every gate passes, if waiting
 /// is enough and it comes within a year.
 fn next_pass(policy: &Policy, facts: &Facts, now: Timestamp) -> Option<Timestamp> {
+    if let Some(rule) = &policy.approvals
+        && rule.valid(&facts.approvals, now).len() < rule.min
+    {
+        // Only people make it pass.
+        return None;
+    }
     if let Some(source) = &facts.source {
         if policy.promotion_still_serving && !source.not_serving.is_empty() {
             return None;
@@ -340,6 +386,31 @@ impl Policy {
             date = date.tomorrow().ok()?;
         }
         best
+    }
+}
+
+impl ApprovalRule {
+    /// The approvals that count at `now`: the latest of each identity,
+    /// within the timeout, newest first.
+    fn valid(&self, approvals: &[(String, Timestamp)], now: Timestamp) -> Vec<(String, Timestamp)> {
+        let Some(from) = signed(self.timeout).and_then(|d| now.checked_sub(d).ok()) else {
+            return vec![];
+        };
+        let mut latest: std::collections::BTreeMap<&str, Timestamp> = Default::default();
+        for (who, at) in approvals {
+            if *at >= from && *at <= now {
+                let e = latest.entry(who.as_str()).or_insert(*at);
+                if *at > *e {
+                    *e = *at;
+                }
+            }
+        }
+        let mut v: Vec<(String, Timestamp)> = latest
+            .into_iter()
+            .map(|(w, t)| (w.to_string(), t))
+            .collect();
+        v.sort_by_key(|b| std::cmp::Reverse(b.1));
+        v
     }
 }
 
@@ -517,6 +588,7 @@ mod tests {
             rate_limit: None,
             promotion_min_age: None,
             promotion_still_serving: false,
+            approvals: None,
         }
     }
 
@@ -634,6 +706,7 @@ mod tests {
                 ("r0".into(), ts("2026-12-02T10:00:00Z")),
             ],
             source: None,
+            approvals: vec![],
         };
         let d = evaluate(&p, "r2", &facts, ts("2026-12-03T12:00:00Z"));
         assert_eq!(d.gates(), "rate_limit");
@@ -654,6 +727,7 @@ mod tests {
                 ("b".into(), ts("2026-12-03T10:30:00Z")),
             ],
             source: None,
+            approvals: vec![],
         };
         let d = evaluate(&two, "c", &facts, ts("2026-12-03T10:45:00Z"));
         // The second newest (a) must age out.
@@ -671,6 +745,7 @@ mod tests {
         let facts = Facts {
             deploys: vec![("r1".into(), ts("2026-12-03T17:00:00Z"))],
             source: None,
+            approvals: vec![],
         };
         let d = evaluate(&p, "r2", &facts, ts("2026-12-03T18:00:00Z"));
         assert_eq!(d.gates(), "rate_limit");
@@ -691,6 +766,7 @@ mod tests {
                 first_ran_at: Some(ts("2026-12-03T10:00:00Z")),
                 not_serving: vec![],
             }),
+            approvals: vec![],
         };
         let d = evaluate(&p, "r7", &young, ts("2026-12-04T09:00:00Z"));
         assert_eq!(d.gates(), "promotion_age");
@@ -710,6 +786,7 @@ mod tests {
                 first_ran_at: Some(ts("2026-12-01T10:00:00Z")),
                 not_serving: vec!["stg-2".into()],
             }),
+            approvals: vec![],
         };
         let d = evaluate(&p, "r7", &gone, ts("2026-12-04T10:00:00Z"));
         assert_eq!(d.gates(), "promotion_serving");
@@ -723,10 +800,58 @@ mod tests {
                 first_ran_at: None,
                 not_serving: vec![],
             }),
+            approvals: vec![],
         };
         let d = evaluate(&p, "r7", &unknown, ts("2026-12-04T10:00:00Z"));
         assert_eq!(d.gates(), "promotion_age");
         assert_eq!(d.passes_at, None);
+    }
+
+    #[test]
+    fn approvals_count_distinct_recent_identities() {
+        let p = Policy {
+            approvals: Some(ApprovalRule {
+                min: 2,
+                timeout: Duration::from_secs(4 * 3600),
+            }),
+            ..with_window("* 00:00-24:00")
+        };
+        let now = ts("2026-12-03T12:00:00Z");
+        let facts = |a: &[(&str, &str)]| Facts {
+            approvals: a.iter().map(|(w, t)| (w.to_string(), ts(t))).collect(),
+            ..Facts::default()
+        };
+        // The same person twice is one approval; one too old does not count.
+        let d = evaluate(
+            &p,
+            "r9",
+            &facts(&[
+                ("mtls:alice", "2026-12-03T10:00:00Z"),
+                ("mtls:alice", "2026-12-03T11:00:00Z"),
+                ("mtls:bob", "2026-12-03T07:59:00Z"),
+            ]),
+            now,
+        );
+        assert_eq!(d.gates(), "approvals");
+        assert!(
+            d.denials[0]
+                .message
+                .contains("1 of 2 approval(s) of release r9 within the last 4h (mtls:alice at 2026-12-03T11:00:00Z); 1 more"),
+            "{d:?}"
+        );
+        assert_eq!(d.passes_at, None, "only people make it pass");
+        let ok = facts(&[
+            ("mtls:alice", "2026-12-03T10:00:00Z"),
+            ("mtls:bob", "2026-12-03T08:00:00Z"),
+        ]);
+        assert!(evaluate(&p, "r9", &ok, now).allowed());
+        let none = evaluate(&p, "r9", &facts(&[]), now);
+        assert!(
+            none.denials[0]
+                .message
+                .starts_with("0 of 2 approval(s) of release r9 within the last 4h; 2 more"),
+            "{none:?}"
+        );
     }
 
     #[test]
@@ -739,6 +864,7 @@ mod tests {
         let facts = Facts {
             deploys: vec![("r1".into(), ts("2026-12-04T20:30:00Z"))],
             source: None,
+            approvals: vec![],
         };
         let d = evaluate(&p, "r2", &facts, ts("2026-12-04T21:00:00Z"));
         assert_eq!(d.gates(), "blackout, window, rate_limit");

@@ -174,3 +174,102 @@ fn the_rate_limit_counts_the_hosts_own_history() {
     assert!(r.stdout.contains("1 of 2 change(s) failed: 50.0%"), "{r}");
     run(&inv, &["dora", "--env", "production", "--since", "soon"]).expect_code(2);
 }
+
+#[test]
+fn a_deploy_waits_for_two_distinct_approvers_and_a_deployer_cannot_approve() {
+    let pki = Pki::new();
+    let agents = start_agents(
+        &pki,
+        "production",
+        &["p1", "p2"],
+        "\"ci-production\" = \"deployer\", \"alice\" = \"approver\", \"bob\" = \"approver\"",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inv = inventory(
+        dir.path(),
+        &pki,
+        &agents,
+        "approvals = { min = 2, timeout = \"1h\" }",
+    );
+    let approve_as = |who: Option<&str>| {
+        let mut args = vec![
+            "approve".to_string(),
+            "--env".into(),
+            "production".into(),
+            "--release".into(),
+            "v1".into(),
+            "--reason".into(),
+            "QA passed".into(),
+        ];
+        if let Some(name) = who {
+            let issued = pki.client(name);
+            args.extend([
+                "--cert".to_string(),
+                issued.cert.display().to_string(),
+                "--key".to_string(),
+                issued.key.display().to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&inv, &args)
+    };
+
+    let r = deploy(&inv, "v1", &[]);
+    r.expect_code(6);
+    assert_eq!(r.summary()["gate"], "approvals", "{r}");
+    assert!(
+        r.summary()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("0 of 2 approval(s) of release v1 within the last 1h; 2 more needed"),
+        "{r}"
+    );
+
+    // The deploying identity cannot approve its own deploy.
+    let r = approve_as(None);
+    r.expect_code(6);
+    assert!(r.stderr.contains("approver"), "{r}");
+
+    approve_as(Some("alice")).expect_code(0);
+    approve_as(Some("alice")).expect_code(0);
+    let r = deploy(&inv, "v1", &[]);
+    r.expect_code(6);
+    assert!(
+        r.summary()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1 of 2 approval(s) of release v1 within the last 1h (mtls:alice at "),
+        "the same approver twice counts once: {r}"
+    );
+    assert_eq!(releases(&inv, "production"), vec![None, None]);
+
+    let r = approve_as(Some("bob"));
+    r.expect_code(0);
+    assert!(r.stdout.contains("mtls:bob approved v1 of web"), "{r}");
+    deploy(&inv, "v1", &[]).expect_code(0);
+    assert_eq!(
+        releases(&inv, "production"),
+        vec![Some("v1".into()), Some("v1".into())]
+    );
+    let audited = agents[0].harness.audit_export(Some("web"));
+    assert!(
+        audited.iter().any(|r| r["action"] == "release.approved"
+            && r["who"] == "mtls:bob"
+            && r["reason"] == "QA passed"),
+        "{audited:#?}"
+    );
+    // Over SSH there is no certificate identity to approve with.
+    run(
+        &inv,
+        &[
+            "--transport",
+            "ssh",
+            "approve",
+            "--env",
+            "production",
+            "--release",
+            "v1",
+        ],
+    )
+    .expect_code(2);
+}

@@ -12,11 +12,13 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::wire::{Denial, Role};
 
-/// The role a request needs. Reads are `Reader`; everything else, including
-/// any route this table does not know, is `Deployer` (deny by default).
+/// The role a request needs. Reads are `Reader`; an approval is
+/// `Approver`; everything else, including any route this table does not
+/// know, is `Deployer` (deny by default).
 pub fn required_role(method: &Method, path: &str) -> Role {
     let read = *method == Method::GET || *method == Method::HEAD;
     match path {
+        "/v1/approvals" if *method == Method::POST => Role::Approver,
         "/v1/ping" | "/v1/status" | "/v1/history" | "/v1/audit" | "/v1/release" | "/v1/lock"
         | "/metrics"
             if read =>
@@ -39,7 +41,7 @@ pub fn authorize(
     let required = required_role(method, path);
     let granted = grants.get(identity).copied();
     match granted {
-        Some(role) if role >= required => Ok(role),
+        Some(role) if role.permits(required) => Ok(role),
         _ => Err(Denial {
             identity: format!("mtls:{identity}"),
             environment: environment.to_string(),
@@ -101,6 +103,31 @@ mod tests {
             ("ci-production".to_string(), Role::Deployer),
             ("dashboard".to_string(), Role::Reader),
         ])
+    }
+
+    #[test]
+    fn approving_and_deploying_are_separate_duties() {
+        let g = BTreeMap::from([
+            ("ci-production".to_string(), Role::Deployer),
+            ("tech-lead".to_string(), Role::Approver),
+            ("dashboard".to_string(), Role::Reader),
+        ]);
+        let approve = |who: &str| authorize(&g, "production", who, &Method::POST, "/v1/approvals");
+        assert_eq!(
+            required_role(&Method::POST, "/v1/approvals"),
+            Role::Approver
+        );
+        assert_eq!(approve("tech-lead"), Ok(Role::Approver));
+        let d = approve("ci-production").unwrap_err();
+        assert_eq!(
+            (d.required, d.granted),
+            (Role::Approver, Some(Role::Deployer))
+        );
+        assert!(approve("dashboard").is_err());
+        // An approver reads, and cannot deploy.
+        assert!(authorize(&g, "production", "tech-lead", &Method::GET, "/v1/audit").is_ok());
+        let d = authorize(&g, "production", "tech-lead", &Method::POST, "/v1/deploy").unwrap_err();
+        assert_eq!(d.required, Role::Deployer);
     }
 
     #[test]

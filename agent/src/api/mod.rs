@@ -38,7 +38,8 @@ use crate::engine::{Engine, OpError};
 use crate::store::lease::LeaseError;
 use crate::store::{AuditEntry, Store};
 use crate::wire::{
-    ApiError, LockGranted, LockRequest, Outcome, PullRequest, ReleaseInfo, UnlockRequest,
+    APPROVAL_ACTION, ApiError, ApprovalRecorded, ApprovalRequest, LockGranted, LockRequest,
+    Outcome, PullRequest, ReleaseInfo, UnlockRequest,
 };
 
 /// The environment name of an agent without `environment` in agent.toml.
@@ -169,7 +170,64 @@ pub fn routes(engine: Arc<Engine>) -> Router {
         .route("/v1/release", get(release))
         .route("/v1/lock", get(lock_get).post(lock).delete(unlock))
         .route("/v1/lock/renew", post(renew))
+        .route("/v1/approvals", post(approve))
         .with_state(engine)
+}
+
+/// An approval, from an mTLS identity only: the role check (approver) has
+/// run in the TLS layer. Over the local socket or SSH there is no such
+/// identity, so there is no approving there.
+async fn approve(
+    State(engine): State<Arc<Engine>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Json(req): Json<ApprovalRequest>,
+) -> Response {
+    respond(record_approval(&engine, &peer.who, &req))
+}
+
+pub fn record_approval(
+    engine: &Engine,
+    who: &str,
+    req: &ApprovalRequest,
+) -> Result<ApprovalRecorded, Refusal> {
+    if !who.starts_with("mtls:") {
+        return Err(ApiError::new(
+            Outcome::Denied,
+            format!(
+                "{who} cannot approve: approvals come from a client certificate with the approver role \
+                 (deploy-controller approve), never over the local socket or SSH"
+            ),
+        )
+        .into());
+    }
+    for (what, v) in [("project", &req.project), ("release", &req.release)] {
+        if v.is_empty() || v.len() > 128 || v.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(ApiError::new(
+                Outcome::ConfigError,
+                format!("{what} {v:?} must be 1-128 printable characters without spaces"),
+            )
+            .into());
+        }
+    }
+    let mut entry = AuditEntry::new(who, APPROVAL_ACTION);
+    entry.project = Some(req.project.clone());
+    entry.release = Some(req.release.clone());
+    entry.outcome = Some(Outcome::Succeeded.as_str().to_string());
+    entry.reason = req.reason.clone();
+    let record = engine.store.append_audit(&entry).map_err(|e| {
+        Refusal::from(ApiError::new(
+            Outcome::EnvironmentError,
+            format!("the approval was not recorded: its audit record could not be written: {e}"),
+        ))
+    })?;
+    tracing::info!(who, project = %req.project, release = %req.release, "release approved");
+    Ok(ApprovalRecorded {
+        who: who.to_string(),
+        project: req.project.clone(),
+        release: req.release.clone(),
+        seq: record.seq,
+        ts: record.ts,
+    })
 }
 
 async fn pull(
