@@ -288,9 +288,23 @@ impl Store {
         // The busy timeout first: switching to WAL needs a lock that the
         // other process may hold while it does the same.
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(open_err)?;
+        // Two processes creating the store at once (the daemon and a CLI on
+        // a fresh host) both switch it to WAL: each holds a shared lock and
+        // wants an exclusive one, so SQLite answers BUSY at once instead of
+        // waiting (that would deadlock). The loser retries; by then the
+        // file is in WAL mode and the switch is a no-op.
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        let mode: String = loop {
+            match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)) {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => break other.map_err(open_err)?,
+            }
+        };
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::NoWal {
                 path: path.to_path_buf(),
