@@ -75,6 +75,10 @@ enum Cmd {
         /// observation window and rolls back by itself if a gate fails.
         #[arg(long)]
         no_wait: bool,
+        /// When the release's commit was made (RFC 3339): kept in history,
+        /// for lead time (`deploy-controller dora`).
+        #[arg(long, value_name = "TIME")]
+        commit_time: Option<String>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -251,6 +255,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
             reason,
             run_migrations,
             no_wait,
+            commit_time,
             json,
         } => {
             let mut var_map = BTreeMap::new();
@@ -282,6 +287,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 reason,
                 run_migrations,
                 no_wait,
+                commit_time,
                 ..DeployRequest::default()
             };
             let mut printer = Printer::new(json);

@@ -92,6 +92,10 @@ pub struct DeployRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observe_window_ms: Option<u64>,
     // --- end fleet deploys ---
+    /// When the release's commit was made (RFC 3339, e.g. CI's
+    /// `head_commit.timestamp`): recorded in history for lead time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_time: Option<String>,
 }
 
 /// A request to put a retained release back.
@@ -278,6 +282,9 @@ pub struct HistoryEntry {
     pub finished_at: Option<String>,
     pub duration_ms: Option<u64>,
     pub message: Option<String>,
+    /// When the deployed commit was made (deploys given `commit_time`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_time: Option<String>,
 }
 
 /// An error answer from the daemon's API. Build it with [`ApiError::new`].

@@ -87,6 +87,33 @@ fn unknown_compose_key_is_exit_2_naming_key_and_file() {
 }
 
 #[test]
+fn a_commit_time_that_is_not_a_time_is_exit_2() {
+    let h = Harness::new(BIN);
+    let port = serve_v1(&h);
+    let file = h.write_compose("compose.yml", &Compose::web(port));
+    let out = deploy_under_load(&h, port, &file, "v2", &["--commit-time", "yesterday"]);
+    out.expect_code(2);
+    assert_outcome(&out, "config_error");
+    assert_mentions(&out, "commit_time");
+    assert_mentions(&out, "yesterday");
+    assert_mentions(&out, "is not an RFC 3339 time");
+    // A good one is kept in history.
+    h.deploy_with(
+        PROJECT,
+        &file,
+        "v2",
+        &["--commit-time", "2026-11-30T22:15:00+01:00"],
+        &[],
+    )
+    .expect_code(0);
+    let history = h.history(PROJECT);
+    assert_eq!(
+        history[0]["commit_time"], "2026-11-30T21:15:00Z",
+        "{history:#?}"
+    );
+}
+
+#[test]
 fn unknown_x_deploy_key_is_exit_2_naming_the_key() {
     let h = Harness::new(BIN);
     let port = serve_v1(&h);

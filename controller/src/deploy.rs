@@ -47,6 +47,8 @@ pub struct DeployOptions {
     pub transport: TransportOptions,
     /// `--override REASON`: deploy even if the safety gates deny it.
     pub override_reason: Option<String>,
+    /// `--commit-time`: recorded with the deploy on every host (lead time).
+    pub commit_time: Option<String>,
 }
 
 /// One host's line of the summary.
@@ -647,6 +649,7 @@ pub async fn deploy(inv: &Inventory, opts: &DeployOptions, out: Arc<Reporter>) -
                         pinned: pins[h].clone(),
                         observe_window_ms: env.observation.map(ms),
                         lock_wait_ms: Some(ms(HOST_LOCK_WAIT)),
+                        commit_time: opts.commit_time.clone(),
                         ..DeployRequest::default()
                     };
                     let out = out.clone();

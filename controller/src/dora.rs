@@ -20,8 +20,9 @@
 //! - **rollback rate**: operator rollbacks (not the automatic ones, which
 //!   count as failed changes) per change.
 //!
-//! Lead time needs commit times, which the agents do not record; it is
-//! reported as unknown rather than guessed.
+//! - **lead time** of a change that succeeded: from its commit's time (the
+//!   `--commit-time` its deploy was given) to the end of its last deploy.
+//!   Changes deployed without a commit time are left out, never guessed.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -53,7 +54,10 @@ pub struct Figures {
     pub rollbacks: usize,
     /// `rollbacks / changes`; `None` without changes.
     pub rollback_rate: Option<f64>,
-    pub lead_time: &'static str,
+    /// Median lead time over the successful changes that had a commit time.
+    pub lead_time_median_ms: Option<u64>,
+    /// How many changes that median is of.
+    pub lead_time_changes: usize,
     pub failures: Vec<FailedChange>,
 }
 
@@ -167,7 +171,8 @@ pub fn figures(history: &[(&str, HistoryEntry)], since: Timestamp, until: Timest
     }
 
     let mut failures = Vec::new();
-    for change in &changes {
+    let mut failed = vec![false; changes.len()];
+    for (i, change) in changes.iter().enumerate() {
         let gate = change
             .ops
             .iter()
@@ -184,6 +189,7 @@ pub fn figures(history: &[(&str, HistoryEntry)], since: Timestamp, until: Timest
                 ),
                 restored_after_ms: restored,
             });
+            failed[i] = true;
             continue;
         }
         // A later rollback off this release (before another change of it).
@@ -201,8 +207,27 @@ pub fn figures(history: &[(&str, HistoryEntry)], since: Timestamp, until: Timest
                 why: format!("rolled back on {}", r.host),
                 restored_after_ms: restored,
             });
+            failed[i] = true;
         }
     }
+
+    let mut leads: Vec<u64> = changes
+        .iter()
+        .zip(&failed)
+        .filter(|(_, failed)| !**failed)
+        .map(|(c, _)| c)
+        .filter_map(|c| {
+            let commit = c
+                .ops
+                .iter()
+                .find_map(|o| o.entry.commit_time.as_deref())?
+                .parse::<Timestamp>()
+                .ok()?;
+            let done = c.finished()?;
+            (done >= commit).then(|| ms(done.duration_since(commit)))
+        })
+        .collect();
+    leads.sort_unstable();
 
     let days = until.duration_since(since).as_secs_f64() / 86_400.0;
     let n = changes.len();
@@ -230,7 +255,8 @@ pub fn figures(history: &[(&str, HistoryEntry)], since: Timestamp, until: Timest
         time_to_restore_worst_ms: restores.last().copied(),
         rollbacks,
         rollback_rate: rate(rollbacks),
-        lead_time: "unknown: the agents do not record commit times",
+        lead_time_median_ms: median(&leads),
+        lead_time_changes: leads.len(),
         failures,
     }
 }
@@ -282,7 +308,17 @@ pub fn text(env: &str, project: &str, hosts: usize, f: &Figures) -> String {
         f.changes,
         pct(f.rollback_rate)
     ));
-    s.push_str(&format!("  lead time             {}\n", f.lead_time));
+    if f.lead_time_changes == 0 {
+        s.push_str(
+            "  lead time             unknown: no successful change was deployed with --commit-time\n",
+        );
+    } else {
+        s.push_str(&format!(
+            "  lead time             median {} over {} change(s) with a commit time\n",
+            dur(f.lead_time_median_ms),
+            f.lead_time_changes
+        ));
+    }
     for x in &f.failures {
         s.push_str(&format!(
             "  failed: {} at {}: {} (restored after {})\n",
@@ -321,6 +357,7 @@ mod tests {
             duration_ms: Some(secs as u64 * 1000),
             message: (outcome == Some(Outcome::HealthGateFailed))
                 .then(|| "error rate 20% over 2m".to_string()),
+            commit_time: None,
         }
     }
 
@@ -549,6 +586,74 @@ mod tests {
         let t = text("production", "shop", 2, &f);
         assert!(t.contains("2 of 4 change(s) failed: 50.0%"), "{t}");
         assert!(t.contains("lead time             unknown"), "{t}");
+        assert_eq!(f.lead_time_median_ms, None);
+    }
+
+    #[test]
+    fn lead_time_is_from_the_commit_to_the_end_of_the_change() {
+        let with_commit = |host: &'static str, release: &str, commit: &str, started: &str, secs| {
+            let mut e = entry(Deploy, release, None, Some(Succeeded), started, secs);
+            e.commit_time = Some(commit.to_string());
+            (host, e)
+        };
+        let h = vec![
+            // r1: committed 09:00, its last host done at 10:01:30.
+            with_commit(
+                "a",
+                "r1",
+                "2026-11-02T09:00:00Z",
+                "2026-11-02T10:00:00Z",
+                30,
+            ),
+            with_commit(
+                "b",
+                "r1",
+                "2026-11-02T09:00:00Z",
+                "2026-11-02T10:01:00Z",
+                30,
+            ),
+            // r2: committed 11:00, done 12:00:30.
+            with_commit(
+                "a",
+                "r2",
+                "2026-11-02T11:00:00Z",
+                "2026-11-02T12:00:00Z",
+                30,
+            ),
+            // r3 failed its gate: no lead time.
+            (
+                "a",
+                entry(
+                    Deploy,
+                    "r3",
+                    None,
+                    Some(HealthGateFailed),
+                    "2026-11-02T13:00:00Z",
+                    30,
+                ),
+            ),
+            // r4 without a commit time: left out.
+            (
+                "a",
+                entry(
+                    Deploy,
+                    "r4",
+                    None,
+                    Some(Succeeded),
+                    "2026-11-02T14:00:00Z",
+                    30,
+                ),
+            ),
+        ];
+        let f = figures(&h, ts("2026-11-01T00:00:00Z"), ts("2026-11-11T00:00:00Z"));
+        assert_eq!(f.lead_time_changes, 2);
+        // (1h01m30s + 1h00m30s) / 2
+        assert_eq!(f.lead_time_median_ms, Some((3_690_000 + 3_630_000) / 2));
+        let t = text("e", "p", 2, &f);
+        assert!(
+            t.contains("lead time             median 1h 1m over 2 change(s)"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -79,6 +79,11 @@ enum Cmd {
         /// overridden go into every host's audit record.
         #[arg(long = "override", value_name = "REASON")]
         override_reason: Option<String>,
+        /// When the release's commit was made (RFC 3339, e.g.
+        /// `${{ github.event.head_commit.timestamp }}`): recorded on every
+        /// host, for lead time in `dora`.
+        #[arg(long, value_name = "TIME")]
+        commit_time: Option<String>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -301,8 +306,17 @@ async fn run(cli: Cli) -> i32 {
             lock_wait,
             reason,
             override_reason,
+            commit_time,
             json,
         } => {
+            if let Some(t) = &commit_time
+                && let Err(e) = t.parse::<jiff::Timestamp>()
+            {
+                eprintln!(
+                    "error: --commit-time {t:?} is not an RFC 3339 time like 2026-12-01T09:30:00Z: {e}"
+                );
+                return exit::CONFIG;
+            }
             if override_reason
                 .as_deref()
                 .is_some_and(|r| r.trim().is_empty())
@@ -335,6 +349,7 @@ async fn run(cli: Cli) -> i32 {
                 reason,
                 transport,
                 override_reason,
+                commit_time,
             };
             deploy::deploy(&inv, &opts, out).await
         }

@@ -139,7 +139,10 @@ fn the_rate_limit_counts_the_hosts_own_history() {
     let dir = tempfile::tempdir().expect("tempdir");
     let inv = inventory(dir.path(), &pki, &agents, "rate_limit = \"1/1h\"");
 
-    deploy(&inv, "v1", &[]).expect_code(0);
+    let committed = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1);
+    let committed = format!("{committed:.0}");
+    deploy(&inv, "v1", &["--commit-time", &committed]).expect_code(0);
+    deploy(&inv, "v2", &["--commit-time", "an hour ago"]).expect_code(2);
     let r = deploy(&inv, "v2", &[]);
     r.expect_code(6);
     let s = r.summary();
@@ -169,6 +172,13 @@ fn the_rate_limit_counts_the_hosts_own_history() {
     assert_eq!(f["failures"][0]["release"], "v2", "{r}");
     assert_eq!(f["failures"][0]["why"], "rolled back on p1", "{r}");
     assert!(f["time_to_restore_median_ms"].as_u64().is_some(), "{r}");
+    // v1 went out about an hour after its commit.
+    assert_eq!(f["lead_time_changes"], 1, "{r}");
+    let lead = f["lead_time_median_ms"].as_u64().unwrap_or_default();
+    assert!(
+        (3_600_000..3_700_000).contains(&lead),
+        "lead time {lead} ms: {r}"
+    );
     let r = run(&inv, &["dora", "--env", "production"]);
     r.expect_code(0);
     assert!(r.stdout.contains("1 of 2 change(s) failed: 50.0%"), "{r}");

@@ -164,6 +164,7 @@ impl Engine {
         ev: &Events,
         started: Instant,
     ) -> Result<OperationResult, OpError> {
+        let commit_time = check_commit_time(req.commit_time.as_deref())?;
         let mut spec = load_spec(
             &req.compose_path,
             &req.compose_text,
@@ -300,7 +301,7 @@ impl Engine {
             events: ev,
             report: Default::default(),
         };
-        let op_id = self.begin(&ctx, req.reason.clone(), &digests)?;
+        let op_id = self.begin(&ctx, req.reason.clone(), commit_time, &digests)?;
         let ending = self.run(op_id, Rollout::new(plan), &ctx).await;
         self.finish(op_id, &ctx, ending, false, started)
     }
@@ -419,7 +420,7 @@ impl Engine {
             events: ev,
             report: Default::default(),
         };
-        let op_id = self.begin(&ctx, req.reason.clone(), &record.digests)?;
+        let op_id = self.begin(&ctx, req.reason.clone(), None, &record.digests)?;
         let plan = self.make_plan(
             &spec,
             Some(&old_spec),
@@ -487,6 +488,7 @@ impl Engine {
         &self,
         ctx: &Ctx<'_>,
         reason: Option<String>,
+        commit_time: Option<String>,
         digests: &BTreeMap<String, String>,
     ) -> Result<i64, OpError> {
         let id = self.store.begin_operation(&NewOperation {
@@ -496,6 +498,7 @@ impl Engine {
             previous: ctx.previous.map(str::to_string),
             who: ctx.who.to_string(),
             reason: reason.clone(),
+            commit_time,
         })?;
         self.store.append_audit(&AuditEntry {
             who: ctx.who.to_string(),
@@ -1073,4 +1076,18 @@ pub fn load_spec(
         vars,
     })
     .map_err(|e| OpError::new(Outcome::ConfigError, e.to_string()))
+}
+
+/// `commit_time` of a deploy request: an RFC 3339 time, normalised to UTC.
+fn check_commit_time(t: Option<&str>) -> Result<Option<String>, OpError> {
+    let Some(t) = t else { return Ok(None) };
+    match t.parse::<jiff::Timestamp>() {
+        Ok(ts) => Ok(Some(format!("{ts:.0}"))),
+        Err(e) => Err(OpError::new(
+            Outcome::ConfigError,
+            format!(
+                "commit_time {t:?} is not an RFC 3339 time like 2026-12-01T09:30:00Z: {e}; nothing was changed"
+            ),
+        )),
+    }
 }

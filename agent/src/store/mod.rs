@@ -222,6 +222,8 @@ pub struct NewOperation {
     /// Who asked (unix user, certificate CN, `agent` for reconciliation).
     pub who: String,
     pub reason: Option<String>,
+    /// When the deployed commit was made (RFC 3339), if the caller said.
+    pub commit_time: Option<String>,
 }
 
 /// An operation that has not finished: what reconciliation resumes from.
@@ -552,8 +554,8 @@ impl Store {
         const OP: &str = "recording the start of an operation";
         let conn = self.conn();
         conn.execute(
-            "INSERT INTO operations (kind, project, release, previous, who, reason, started_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO operations (kind, project, release, previous, who, reason, started_at, commit_time)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 op.kind.as_str(),
                 op.project,
@@ -561,7 +563,8 @@ impl Store {
                 op.previous,
                 op.who,
                 op.reason,
-                timestamp_now()
+                timestamp_now(),
+                op.commit_time
             ],
         )
         .map_err(self.sql(OP))?;
@@ -669,7 +672,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
-                "SELECT kind, project, release, previous, outcome, who, started_at, finished_at, duration_ms, message
+                "SELECT kind, project, release, previous, outcome, who, started_at, finished_at, duration_ms, message, commit_time
                  FROM operations WHERE project = ?1 ORDER BY id DESC LIMIT ?2",
             )
             .map_err(self.sql(OP))?;
@@ -685,6 +688,7 @@ impl Store {
                 finished_at: r.get(7)?,
                 duration_ms: opt_u64(r, 8)?,
                 message: r.get(9)?,
+                commit_time: r.get(10)?,
             })
         })
         .map_err(self.sql(OP))?

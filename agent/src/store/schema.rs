@@ -99,6 +99,11 @@ const MIGRATIONS: &[&str] = &[
         expires_at    TEXT NOT NULL
     ) STRICT;
     "#,
+    // v3: when the deployed commit was made (RFC 3339), when the caller
+    // says so; `deploy-controller dora` computes lead time from it.
+    r#"
+    ALTER TABLE operations ADD COLUMN commit_time TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -146,4 +151,34 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
             .map_err(sqlite(version))?;
     }
     tx.commit().map_err(sqlite(SCHEMA_VERSION))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written by the previous version (v2) gains the commit time
+    /// column, and its operations are kept.
+    #[test]
+    fn v2_stores_migrate_to_v3_keeping_their_operations() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.execute(
+            "INSERT INTO operations (kind, project, release, who, started_at) \
+             VALUES ('deploy', 'web', 'v1', 'alice', '2026-11-01T00:00:00Z')",
+            [],
+        )
+        .unwrap();
+        assert!(migrate(&mut conn).is_ok());
+        assert_eq!(user_version(&conn).unwrap(), SCHEMA_VERSION);
+        let (release, commit): (String, Option<String>) = conn
+            .query_row("SELECT release, commit_time FROM operations", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((release.as_str(), commit), ("v1", None));
+    }
 }

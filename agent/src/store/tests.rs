@@ -36,6 +36,7 @@ fn new_op(kind: OperationKind, project: &str, release: &str) -> NewOperation {
         previous: Some("v0".into()),
         who: "alice".into(),
         reason: Some("ticket 42".into()),
+        commit_time: None,
     }
 }
 
