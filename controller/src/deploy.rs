@@ -306,68 +306,43 @@ async fn gate(
                 .map(|c| c.audit(Some(&ctx.env.project), APPROVAL_SCAN)),
         )
         .await;
-        let mut errors = Vec::new();
-        for (c, a) in ctx.clients.iter().zip(answers) {
-            match a {
-                Ok(records) => facts.approvals.extend(records.into_iter().filter_map(|r| {
-                    let approved = r.action == APPROVAL_ACTION
-                        && r.release.as_deref() == Some(release)
-                        && r.who.starts_with("mtls:");
-                    let at = r.ts.parse::<jiff::Timestamp>().ok()?;
-                    approved.then_some((r.who, at))
-                })),
-                Err(e) => {
-                    out.warn(&format!(
-                        "approvals gate: no audit log from {}: {e}",
-                        c.host
-                    ));
-                    errors.push(e);
-                }
-            }
-        }
-        if errors.len() == ctx.clients.len() {
-            let (code, msg) = combine(&errors);
-            return Err(ctx.refuse(
-                "deploy",
-                release,
-                code,
-                format!(
-                    "approvals gate: no host of {} told its approvals, so they cannot be counted: {msg}",
-                    ctx.env.name
-                ),
-            ));
-        }
+        let records = told(
+            ctx,
+            release,
+            ("approvals gate", "audit log"),
+            "told its approvals, so they cannot be counted",
+            answers,
+        )?;
+        facts.approvals = records
+            .into_iter()
+            .filter_map(|r| {
+                let approved = r.action == APPROVAL_ACTION
+                    && r.release.as_deref() == Some(release)
+                    && r.who.starts_with("mtls:");
+                let at = r.ts.parse::<jiff::Timestamp>().ok()?;
+                approved.then_some((r.who, at))
+            })
+            .collect();
     }
     if policy.rate_limit.is_some() {
         // The environment's own record: what its hosts say they deployed.
         let answers = join_all(ctx.clients.iter().map(|c| c.history(&ctx.env.project))).await;
-        let mut errors = Vec::new();
-        for (c, a) in ctx.clients.iter().zip(answers) {
-            match a {
-                Ok(entries) => facts.deploys.extend(entries.into_iter().filter_map(|e| {
-                    let done = e.operation == OperationKind::Deploy
-                        && e.outcome == Some(Outcome::Succeeded);
-                    let at = e.finished_at.as_deref()?.parse::<jiff::Timestamp>().ok()?;
-                    done.then_some((e.release, at))
-                })),
-                Err(e) => {
-                    out.warn(&format!("rate limit gate: no history from {}: {e}", c.host));
-                    errors.push(e);
-                }
-            }
-        }
-        if errors.len() == ctx.clients.len() {
-            let (code, msg) = combine(&errors);
-            return Err(ctx.refuse(
-                "deploy",
-                release,
-                code,
-                format!(
-                    "rate limit gate: no host of {} told its deploy history, so the limit cannot be checked: {msg}",
-                    ctx.env.name
-                ),
-            ));
-        }
+        let entries = told(
+            ctx,
+            release,
+            ("rate limit gate", "history"),
+            "told its deploy history, so the limit cannot be checked",
+            answers,
+        )?;
+        facts.deploys = entries
+            .into_iter()
+            .filter_map(|e| {
+                let done =
+                    e.operation == OperationKind::Deploy && e.outcome == Some(Outcome::Succeeded);
+                let at = e.finished_at.as_deref()?.parse::<jiff::Timestamp>().ok()?;
+                done.then_some((e.release, at))
+            })
+            .collect();
     }
     let decision = policy::evaluate(policy, release, &facts, jiff::Timestamp::now());
     if decision.allowed() {
@@ -414,6 +389,42 @@ async fn gate(
             ),
         )),
     }
+}
+
+/// The records the hosts of the environment gave for one gate, one answer
+/// per host in host order (`gate` names it and what was asked, for the
+/// messages). A host that could not answer is a warning; when none could,
+/// the gate cannot be checked and the deploy is refused (`Err` carries the
+/// exit code, already reported).
+fn told<T>(
+    ctx: &Ctx<'_>,
+    release: &str,
+    (gate, record): (&str, &str),
+    none_told: &str,
+    answers: Vec<Result<Vec<T>, CallError>>,
+) -> Result<Vec<T>, i32> {
+    let mut all = Vec::new();
+    let mut errors = Vec::new();
+    for (c, a) in ctx.clients.iter().zip(answers) {
+        match a {
+            Ok(records) => all.extend(records),
+            Err(e) => {
+                ctx.out
+                    .warn(&format!("{gate}: no {record} from {}: {e}", c.host));
+                errors.push(e);
+            }
+        }
+    }
+    if errors.len() == ctx.clients.len() {
+        let (code, msg) = combine(&errors);
+        return Err(ctx.refuse(
+            "deploy",
+            release,
+            code,
+            format!("{gate}: no host of {} {none_told}: {msg}", ctx.env.name),
+        ));
+    }
+    Ok(all)
 }
 
 /// How many of a host's newest audit records of the project the approvals

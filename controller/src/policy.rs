@@ -396,22 +396,30 @@ impl ApprovalRule {
         let Some(from) = signed(self.timeout).and_then(|d| now.checked_sub(d).ok()) else {
             return vec![];
         };
-        let mut latest: std::collections::BTreeMap<&str, Timestamp> = Default::default();
-        for (who, at) in approvals {
-            if *at >= from && *at <= now {
-                let e = latest.entry(who.as_str()).or_insert(*at);
-                if *at > *e {
-                    *e = *at;
-                }
+        latest_of_each(approvals, |at| at >= from && at <= now)
+    }
+}
+
+/// The latest time of each key among those `within` keeps, newest first.
+fn latest_of_each(
+    items: &[(String, Timestamp)],
+    within: impl Fn(Timestamp) -> bool,
+) -> Vec<(String, Timestamp)> {
+    let mut latest: std::collections::BTreeMap<&str, Timestamp> = Default::default();
+    for (key, at) in items {
+        if within(*at) {
+            let e = latest.entry(key.as_str()).or_insert(*at);
+            if *at > *e {
+                *e = *at;
             }
         }
-        let mut v: Vec<(String, Timestamp)> = latest
-            .into_iter()
-            .map(|(w, t)| (w.to_string(), t))
-            .collect();
-        v.sort_by_key(|b| std::cmp::Reverse(b.1));
-        v
     }
+    let mut v: Vec<(String, Timestamp)> = latest
+        .into_iter()
+        .map(|(k, t)| (k.to_string(), t))
+        .collect();
+    v.sort_by_key(|b| std::cmp::Reverse(b.1));
+    v
 }
 
 impl RateLimit {
@@ -421,21 +429,7 @@ impl RateLimit {
         let Some(from) = signed(self.per).and_then(|d| now.checked_sub(d).ok()) else {
             return vec![];
         };
-        let mut latest: std::collections::BTreeMap<&str, Timestamp> = Default::default();
-        for (release, at) in deploys {
-            if *at > from && *at <= now {
-                let e = latest.entry(release.as_str()).or_insert(*at);
-                if *at > *e {
-                    *e = *at;
-                }
-            }
-        }
-        let mut v: Vec<(String, Timestamp)> = latest
-            .into_iter()
-            .map(|(r, t)| (r.to_string(), t))
-            .collect();
-        v.sort_by_key(|b| std::cmp::Reverse(b.1));
-        v
+        latest_of_each(deploys, |at| at > from && at <= now)
     }
 
     /// `None` when a deploy is allowed at `now`; else when it will be.

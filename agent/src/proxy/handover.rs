@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncBufReadExt, Interest};
 use tokio::net::UnixStream;
 
 use super::protocol::{ClassCounts, ControlRequest};
@@ -117,10 +117,8 @@ pub(crate) async fn send_with_sockets(
 }
 
 /// Sends one message line without sockets.
-pub(crate) async fn send(stream: &mut UnixStream, message: &Message) -> io::Result<()> {
-    let mut line = serde_json::to_vec(message).map_err(io::Error::other)?;
-    line.push(b'\n');
-    stream.write_all(&line).await
+pub(crate) async fn send(stream: &UnixStream, message: &Message) -> io::Result<()> {
+    send_with_sockets(stream, message, &[]).await
 }
 
 /// Waits for the successor's [`Message::Ready`] and checks the socket name

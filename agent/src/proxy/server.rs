@@ -180,19 +180,18 @@ type Pending = (Route, TcpListener, BTreeMap<String, ClassCounts>);
 /// `proxy.sock`. Nothing accepts before the running proxy said `Done`.
 async fn take_over(state_dir: &Path) -> Result<(UnixListener, Vec<Pending>), ProxyError> {
     let dir = state_dir.to_path_buf();
-    let taken = tokio::task::spawn_blocking(move || handover::take(&dir))
+    let mut taken = tokio::task::spawn_blocking(move || handover::take(&dir))
         .await
         .map_err(|err| ProxyError::HandoverFailed {
             detail: format!("the handover task failed: {err}"),
         })??;
     // The running proxy holds its registry lock: the persisted routes are
     // exactly those whose sockets we got.
-    let mut handed: BTreeMap<SocketAddr, (HandedRoute, OwnedFd)> = taken
-        .listeners
-        .iter()
-        .map(|(route, fd)| fd.try_clone().map(|fd| (route.bind, (route.clone(), fd))))
-        .collect::<Result<_, _>>()
-        .map_err(|err| ProxyError::io("cannot duplicate a handed socket", err))?;
+    let mut handed: BTreeMap<SocketAddr, (HandedRoute, OwnedFd)> =
+        std::mem::take(&mut taken.listeners)
+            .into_iter()
+            .map(|(route, fd)| (route.bind, (route, fd)))
+            .collect();
     let mut listeners = Vec::new();
     for route in persist::load(state_dir)? {
         let bind = route.bind;
@@ -400,7 +399,7 @@ async fn hand_over(mut stream: UnixStream, registry: &Mutex<Registry>, successor
         let refused = Message::Refused {
             message: format!("this proxy already handed over to process {pid}"),
         };
-        let _ = handover::send(&mut stream, &refused).await;
+        let _ = handover::send(&stream, &refused).await;
         return false;
     }
     tracing::info!(successor, "handover: a successor asks for the listeners");
@@ -413,7 +412,7 @@ async fn hand_over(mut stream: UnixStream, registry: &Mutex<Registry>, successor
                 handover::MAX_LISTENERS
             ),
         };
-        let _ = handover::send(&mut stream, &refused).await;
+        let _ = handover::send(&stream, &refused).await;
         tracing::error!(successor, "handover refused: too many listeners");
         return false;
     }
@@ -443,14 +442,14 @@ async fn hand_over(mut stream: UnixStream, registry: &Mutex<Registry>, successor
         let refused = Message::Refused {
             message: format!("cannot rename the control socket: {err}"),
         };
-        let _ = handover::send(&mut stream, &refused).await;
+        let _ = handover::send(&stream, &refused).await;
         handover::remove_successor_socket(&registry.state_dir, &name);
         return false;
     }
     // From here on the successor answers on proxy.sock; requests that
     // still reach this proxy are told to connect again.
     registry.handed_over = Some(successor);
-    if let Err(err) = handover::send(&mut stream, &Message::Done).await {
+    if let Err(err) = handover::send(&stream, &Message::Done).await {
         // It will time out or see EOF, and exit; proxy.sock then leads
         // nowhere until systemd restarts the service.
         tracing::error!(
