@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod rollout;
 pub mod service;
 pub mod spec;
-pub mod stdio; // issue 5: `deploy-agent serve-stdio`, the SSH transport
+pub mod stdio;
 pub mod store;
-pub mod wire;
+/// The wire types, defined once in the protocol crate.
+pub use deploy_protocol as wire;

@@ -25,8 +25,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deploy_agent::store::AuditRecord;
-use deploy_agent::wire::{
+use deploy_protocol::AuditRecord;
+use deploy_protocol::{
     ApiError, ApprovalRecorded, ApprovalRequest, DeployRequest, Event, HistoryEntry, Lease,
     LockGranted, LockRequest, OperationResult, Outcome, PullRequest, PullResult, ReleaseInfo,
     RollbackRequest, StatusReport, StdioCaller, StdioLine, StdioOp, StdioQuery, StdioRequest,
@@ -714,7 +714,7 @@ pub struct RouteReport {
 pub fn certificate_identity(cert: &Path) -> Option<String> {
     let pem = std::fs::read(cert).ok()?;
     let (_, block) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
-    deploy_agent::api::authz::certificate_identity(&block.contents)
+    deploy_protocol::identity::certificate_identity(&block.contents)
 }
 
 /// The clients of `env`'s hosts, with the certificate `tls` and the

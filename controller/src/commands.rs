@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use deploy_agent::store::AuditRecord;
-use deploy_agent::wire::{ApprovalRequest, HistoryEntry, Outcome, ProjectStatus};
+use deploy_protocol::AuditRecord;
+use deploy_protocol::{ApprovalRequest, HistoryEntry, Outcome, ProjectStatus};
 use futures_util::future::join_all;
 use serde::Serialize;
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deploy_agent::wire::{
+use deploy_protocol::{
     APPROVAL_ACTION, DeployRequest, OperationKind, OperationResult, Outcome, PullRequest,
     RollbackRequest,
 };

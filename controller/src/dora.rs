@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use deploy_agent::wire::{HistoryEntry, OperationKind, Outcome};
+use deploy_protocol::{HistoryEntry, OperationKind, Outcome};
 use jiff::Timestamp;
 use serde::Serialize;
 

@@ -1,8 +1,8 @@
 //! `deploy-controller`'s exit codes. Stable: CI relies on them. Where they
-//! overlap with `deploy-agent`'s ([`deploy_agent::wire::exit`]) they mean
+//! overlap with `deploy-agent`'s ([`deploy_protocol::exit`]) they mean
 //! the same thing.
 
-use deploy_agent::wire::{Outcome, exit as agent};
+use deploy_protocol::{Outcome, exit as agent};
 
 /// Every host runs the requested release (or the command succeeded).
 pub const SUCCESS: i32 = agent::SUCCESS;

@@ -22,7 +22,7 @@
 
 use std::time::Duration;
 
-use deploy_agent::wire::Outcome;
+use deploy_protocol::Outcome;
 
 /// Which hosts go first.
 #[derive(Debug, Clone, PartialEq, Eq)]

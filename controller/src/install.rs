@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use deploy_agent::config::AgentConfig;
+use deploy_protocol::config::AgentConfig;
 use futures_util::future::join_all;
 use serde::Serialize;
 use sha2::{Digest, Sha256};

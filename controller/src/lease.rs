@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deploy_agent::wire::{Lease, LockRequest, Outcome, UnlockRequest};
+use deploy_protocol::{Lease, LockRequest, Outcome, UnlockRequest};
 use futures_util::future::join_all;
 use tokio::task::JoinHandle;
 

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use deploy_agent::wire::ReleaseInfo;
+use deploy_protocol::ReleaseInfo;
 use futures_util::future::join_all;
 
 use crate::client::{self, AgentClient, CallError, Notice, TransportOptions};

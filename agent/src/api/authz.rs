@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 
 use http::Method;
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::wire::{Denial, Role};
 
@@ -74,25 +73,7 @@ pub fn denial_message(d: &Denial, method: &Method, path: &str) -> String {
     }
 }
 
-/// The identity a client certificate (DER) carries: its subject CN, else
-/// its first DNS (or URI) subject alternative name.
-pub fn certificate_identity(der: &[u8]) -> Option<String> {
-    let (_, cert) = X509Certificate::from_der(der).ok()?;
-    if let Some(cn) = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|a| a.as_str().ok())
-        .filter(|s| !s.is_empty())
-    {
-        return Some(cn.to_string());
-    }
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|g| match g {
-        GeneralName::DNSName(d) | GeneralName::URI(d) => Some(d.to_string()),
-        _ => None,
-    })
-}
+pub use deploy_protocol::identity::certificate_identity;
 
 #[cfg(test)]
 mod tests {

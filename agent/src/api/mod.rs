@@ -32,7 +32,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, environment};
 use crate::daemon::Peer;
 use crate::engine::{Engine, OpError};
 use crate::store::lease::LeaseError;
@@ -42,72 +42,9 @@ use crate::wire::{
     Outcome, PullRequest, ReleaseInfo, UnlockRequest,
 };
 
-/// The environment name of an agent without `environment` in agent.toml.
-pub const DEFAULT_ENVIRONMENT: &str = "default";
-
 /// Shortest and longest lease a controller may ask for.
 pub const MIN_LEASE: Duration = Duration::from_millis(500);
 pub const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
-
-/// This agent's environment.
-pub fn environment(cfg: &AgentConfig) -> &str {
-    cfg.environment.as_deref().unwrap_or(DEFAULT_ENVIRONMENT)
-}
-
-/// The checks of agent.toml's TLS API keys (called by `AgentConfig::parse`).
-pub fn validate_config(cfg: &AgentConfig) -> Result<(), String> {
-    if let Some(env) = &cfg.environment
-        && !valid_name(env)
-    {
-        return Err(format!(
-            "key `environment`: {env:?} must be 1-64 characters of letters, digits, `-`, `_` and `.`"
-        ));
-    }
-    for (identity, _) in cfg.grants.iter() {
-        if identity.trim().is_empty() || identity.starts_with("mtls:") {
-            return Err(format!(
-                "key `grants`: {identity:?} is not a certificate identity; use the certificate's CN, e.g. \"ci-production\""
-            ));
-        }
-    }
-    if let Some(addr) = cfg.api_listen {
-        let mut missing = Vec::new();
-        if cfg.tls_cert.is_none() {
-            missing.push("tls_cert");
-        }
-        if cfg.tls_key.is_none() {
-            missing.push("tls_key");
-        }
-        if cfg.tls_ca.is_none() {
-            missing.push("tls_ca");
-        }
-        if cfg.environment.is_none() {
-            missing.push("environment");
-        }
-        if !missing.is_empty() {
-            return Err(format!(
-                "key `api_listen` = \"{addr}\" needs {} as well (the HTTPS API always uses mutual TLS; \
-                 `deploy-controller pki issue --kind agent` makes the certificate)",
-                missing.join(", ")
-            ));
-        }
-        if cfg.grants.is_empty() {
-            return Err(format!(
-                "key `api_listen` = \"{addr}\": no `[grants]`, so every client would be refused; \
-                 grant at least one certificate identity a role, e.g. [grants] \"ci-{}\" = \"deployer\"",
-                environment(cfg)
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
 
 /// Refuses a deploy or rollback while another deployment holds this
 /// environment's lease. `who` is the caller's identity: the lease's owner
@@ -600,6 +537,7 @@ pub fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_ENVIRONMENT;
 
     fn cfg(text: &str) -> Result<AgentConfig, String> {
         AgentConfig::parse(std::path::Path::new("agent.toml"), text).map_err(|e| e.to_string())

@@ -170,7 +170,7 @@ impl TlsApi {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             addr,
             authz: Arc::new(Authz {
-                environment: super::environment(cfg).to_string(),
+                environment: crate::config::environment(cfg).to_string(),
                 grants: cfg.grants.clone(),
                 store,
             }),

@@ -288,7 +288,7 @@ impl Engine {
             ));
         }
         Ok(StatusReport {
-            host: hostname(),
+            host: crate::config::hostname(),
             projects,
         })
     }
@@ -379,9 +379,3 @@ impl Engine {
     }
 }
 
-pub fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
-}
