@@ -1,81 +1,34 @@
-//! The control daemon (`deploy-agent run`): the local API on
-//! `STATE_DIR/agent.sock`, and reconciliation at start and on a timer.
+//! The control daemon (`deploy-agent run`): runs the process. It binds
+//! `STATE_DIR/agent.sock` (and the HTTPS API and metrics listener when
+//! configured) before `READY=1`, reconciles before serving and then on a
+//! timer, serves the API router ([`crate::api`]) until told to stop, and
+//! stops gracefully.
 //!
-//! Operations run in their own task, not in the request handler, so a CLI
-//! that disconnects (or is killed) never cancels a rollout half way.
+//! Operations run in their own task, not in the request handler
+//! ([`crate::api::Api::dispatch`]), so a CLI that disconnects (or is
+//! killed) never cancels a rollout half way.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::Json;
-use axum::Router;
-use axum::body::Body;
-use axum::extract::connect_info::{self, ConnectInfo};
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use serde::Deserialize;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-use crate::engine::{Engine, OpError};
+use crate::api::{self, Api, Peer};
+use crate::engine::Engine;
 use crate::metrics::{self, Metrics};
 use crate::service::{self, STOP_GRACE, StatusBoard};
-use crate::wire::{ApiError, DeployRequest, Event, Outcome, RollbackRequest};
+use crate::wire::Event;
 
-/// Who is on the other end of the unix socket, from the kernel (SO_PEERCRED).
-#[derive(Clone, Debug)]
-pub struct Peer {
-    pub who: String,
-}
-
-impl connect_info::Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
-        let who = stream
-            .io()
-            .peer_cred()
-            .map(|c| unix_user(c.uid()))
-            .unwrap_or_else(|_| "unix:unknown".into());
-        Peer { who }
-    }
-}
-
-/// `unix:NAME` for a uid (or `unix:uid=N` when it has no name).
-pub fn unix_user(uid: u32) -> String {
-    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-        Ok(Some(u)) => format!("unix:{}", u.name),
-        _ => format!("unix:uid={uid}"),
-    }
-}
-
-struct AppState {
-    engine: Arc<Engine>,
-    /// Operations in progress and the reconciliation loop, for `STATUS=`,
-    /// the metrics and a graceful stop.
-    board: Arc<StatusBoard>,
-}
-
-pub async fn run(engine: Engine, state_dir: &Path) -> anyhow::Result<()> {
+/// Runs the daemon until `shutdown` resolves (SIGTERM, Ctrl-C).
+pub async fn run(
+    engine: Engine,
+    state_dir: &Path,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let engine = Arc::new(engine);
     let sock = state_dir.join("agent.sock");
-    if UnixStream::connect(&sock).await.is_ok() {
-        anyhow::bail!(
-            "another deploy-agent daemon already answers on {}; stop it first (systemctl stop deploy-agent)",
-            sock.display()
-        );
-    }
-    let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen on {}: {e}; check --state-dir",
-            sock.display()
-        )
-    })?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660));
-    }
+    let listener = bind_socket(&sock).await?;
 
     let board = Arc::new(StatusBoard::new());
     let settings = service::LoopSettings::new(&engine.config);
@@ -89,8 +42,7 @@ pub async fn run(engine: Engine, state_dir: &Path) -> anyhow::Result<()> {
         })?),
         None => None,
     };
-    // issue 4: the HTTPS API (mutual TLS), bound before READY like metrics.
-    let tls_api = crate::api::tls::TlsApi::bind(&engine.config, engine.store.clone()).await?;
+    let tls_api = api::tls::TlsApi::bind(&engine.config, engine.store.clone()).await?;
 
     // Reconcile before serving: an interrupted operation is finished first.
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
@@ -100,21 +52,13 @@ pub async fn run(engine: Engine, state_dir: &Path) -> anyhow::Result<()> {
     })
     .await;
 
-    let state = Arc::new(AppState {
+    let api = Arc::new(Api {
         engine: engine.clone(),
-        board: board.clone(),
+        board: Some(board.clone()),
+        metrics: Some(metrics.clone()),
     });
-    let app = Router::new()
-        .route("/v1/ping", get(|| async { "ok" }))
-        .route("/v1/deploy", post(deploy))
-        .route("/v1/rollback", post(rollback))
-        .route("/v1/status", get(status))
-        .route("/v1/history", get(history))
-        .with_state(state)
-        .merge(crate::api::routes(engine.clone())) // issue 4: pull, audit, release, lock
-        .merge(metrics::router(metrics.clone()));
-    // issue 4: the same router over HTTPS, authorized per certificate.
-    let tls_task = tls_api.map(|api| api.serve(app.clone()));
+    let app = api::router(api.clone());
+    let tls_task = tls_api.map(|tls| tls.serve(app.clone()));
     if let Some(listener) = metrics_listener {
         let addr = listener.local_addr().ok();
         let router = metrics::router(metrics);
@@ -142,12 +86,9 @@ pub async fn run(engine: Engine, state_dir: &Path) -> anyhow::Result<()> {
         })
     };
 
-    // issue 5: on the unix socket only, a request from `deploy-agent
-    // serve-stdio` names its SSH caller (the HTTPS API never looks at it).
-    let app = app.layer(axum::middleware::from_fn_with_state(
-        engine.clone(),
-        ssh_via,
-    ));
+    // On the unix socket only, a request from `serve-stdio` may name its
+    // SSH caller (the HTTPS API never looks at it).
+    let app = app.layer(axum::middleware::from_fn_with_state(api, api::via::ssh_via));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(async move {
         axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
@@ -158,11 +99,12 @@ pub async fn run(engine: Engine, state_dir: &Path) -> anyhow::Result<()> {
     });
     let ended = tokio::select! {
         r = &mut server => Some(r),
-        () = shutdown_signal() => None,
+        () = shutdown => None,
     };
+    tracing::info!("shutting down: no new operations accepted");
     reconciler.abort();
     if let Some(t) = &tls_task {
-        t.abort(); // issue 4: no new HTTPS connections
+        t.abort(); // no new HTTPS connections
     }
     if let Some(r) = ended {
         let _ = std::fs::remove_file(&sock);
@@ -197,137 +139,24 @@ pub async fn run(engine: Engine, state_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// Binds agent.sock (mode 0660), refusing when another daemon answers.
+async fn bind_socket(sock: &Path) -> anyhow::Result<UnixListener> {
+    if UnixStream::connect(sock).await.is_ok() {
+        anyhow::bail!(
+            "another deploy-agent daemon already answers on {}; stop it first (systemctl stop deploy-agent)",
+            sock.display()
+        );
     }
-    tracing::info!("shutting down: no new operations accepted");
-}
-
-/// Stream the operation's events as JSON lines; the last is its result.
-fn stream_operation<F, Fut>(state: &AppState, label: String, run: F) -> Response
-where
-    F: FnOnce(Arc<Engine>, mpsc::UnboundedSender<Event>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = crate::wire::OperationResult> + Send + 'static,
-{
-    let (tx, rx) = mpsc::unbounded_channel::<Event>();
-    let engine = state.engine.clone();
-    let guard = state.board.operation(label);
-    tokio::spawn(async move {
-        let result = run(engine, tx.clone()).await;
-        let _ = tx.send(Event::Result(result));
-        drop(guard);
-    });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        let event = rx.recv().await?;
-        let mut line = serde_json::to_vec(&event).unwrap_or_default();
-        line.push(b'\n');
-        Some((Ok::<_, std::convert::Infallible>(line), rx))
-    });
-    Response::builder()
-        .header("content-type", "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-async fn deploy(
-    State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    Json(req): Json<DeployRequest>,
-) -> Response {
-    let label = format!("deploy of {} release {}", req.project, req.release);
-    stream_operation(&state, label, move |engine, tx| async move {
-        engine.deploy(&req, &peer.who, &tx).await
-    })
-}
-
-async fn rollback(
-    State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    Json(req): Json<RollbackRequest>,
-) -> Response {
-    let label = format!(
-        "rollback of {} to {}",
-        req.project,
-        req.to.as_deref().unwrap_or("the previous release")
-    );
-    stream_operation(&state, label, move |engine, tx| async move {
-        engine.rollback(&req, &peer.who, &tx).await
-    })
-}
-
-#[derive(Deserialize)]
-struct ProjectQuery {
-    project: Option<String>,
-}
-
-fn api_error(e: OpError) -> Response {
-    let code = match e.outcome {
-        Outcome::ConfigError => StatusCode::BAD_REQUEST,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    (code, Json(ApiError::new(e.outcome, e.message))).into_response()
-}
-
-async fn status(State(state): State<Arc<AppState>>, Query(q): Query<ProjectQuery>) -> Response {
-    match state.engine.status(q.project.as_deref()).await {
-        Ok(report) => Json(report).into_response(),
-        Err(e) => api_error(e),
+    let _ = std::fs::remove_file(sock);
+    let listener = UnixListener::bind(sock).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {}: {e}; check --state-dir",
+            sock.display()
+        )
+    })?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o660));
     }
+    Ok(listener)
 }
-
-async fn history(State(state): State<Arc<AppState>>, Query(q): Query<ProjectQuery>) -> Response {
-    let Some(project) = q.project else {
-        return api_error(OpError::new(
-            Outcome::ConfigError,
-            "history needs ?project=",
-        ));
-    };
-    match state.engine.store.history(&project, 1000) {
-        Ok(h) => Json(h).into_response(),
-        Err(e) => api_error(e.into()),
-    }
-}
-
-// --- SSH callers (issue 5) --------------------------------------------------
-
-/// On agent.sock: a request carrying `x-deploy-agent-via` (set by
-/// `deploy-agent serve-stdio`, run by `deploy-controller` over SSH) is
-/// recorded as that SSH caller: the Unix user comes from the kernel
-/// (SO_PEERCRED, as for every local request), the SSH details (key
-/// fingerprint, client address, controller) from the header. It leaves an
-/// `ssh.request` audit record before it is carried out.
-async fn ssh_via(
-    State(engine): State<Arc<Engine>>,
-    mut req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let Some(value) = req.headers().get(crate::stdio::VIA_HEADER) else {
-        return next.run(req).await;
-    };
-    let caller = match crate::stdio::decode_via(value.as_bytes()) {
-        Ok(c) => c,
-        Err(m) => return api_error(OpError::new(Outcome::ConfigError, m)),
-    };
-    let unix = req
-        .extensions()
-        .get::<ConnectInfo<Peer>>()
-        .map(|c| c.0.who.clone())
-        .unwrap_or_else(|| "unix:unknown".into());
-    let user = unix.strip_prefix("unix:").unwrap_or(&unix).to_string();
-    let who = caller.who(&user);
-    if let Err(e) = crate::stdio::audit_ssh_request(&engine.store, &who, &caller, "daemon") {
-        return api_error(e);
-    }
-    tracing::info!(who = %who, op = %caller.op, "request over SSH (deploy-agent serve-stdio)");
-    req.extensions_mut().insert(ConnectInfo(Peer { who }));
-    next.run(req).await
-}
-
-// --- end issue 5 --------------------------------------------------------------

@@ -11,7 +11,7 @@ pub mod daemon;
 pub mod docker;
 pub mod engine;
 pub mod health;
-pub mod local_client;
+pub mod local;
 pub mod lock;
 pub mod metrics;
 pub mod notify;

@@ -9,12 +9,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use deploy_agent::config::{AgentConfig, DEFAULT_CONFIG, DEFAULT_STATE_DIR};
 use deploy_agent::engine::{Engine, OpError};
+use deploy_agent::local::{Local, Reply};
 use deploy_agent::store::{AuditVerification, Store};
 use deploy_agent::wire::{
-    DeployRequest, Event, HistoryEntry, OperationResult, Outcome, RollbackRequest, StatusReport,
+    Caller, DeployRequest, Event, HistoryEntry, Op, Outcome, Query, RollbackRequest, StatusReport,
     exit,
 };
-use deploy_agent::{daemon, local_client, proxy};
+use deploy_agent::{api, daemon, proxy};
 
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
@@ -51,54 +52,9 @@ enum Cmd {
     /// The control daemon: local API on STATE_DIR/agent.sock, reconciliation.
     Run,
     /// Deploy a release of a compose project.
-    Deploy {
-        #[arg(long)]
-        project: String,
-        /// The compose file.
-        #[arg(long)]
-        file: PathBuf,
-        #[arg(long)]
-        release: String,
-        /// Interpolation variable, `K=V` (repeatable). `RELEASE` is set for you.
-        #[arg(long = "var", value_name = "K=V")]
-        vars: Vec<String>,
-        /// Wait this long for another operation on the project to finish.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        lock_wait: Option<std::time::Duration>,
-        /// Why (recorded in the audit log).
-        #[arg(long)]
-        reason: Option<String>,
-        /// Run the `migrate` hook here (one host of an environment).
-        #[arg(long)]
-        run_migrations: bool,
-        /// Return once traffic has switched; the daemon watches the
-        /// observation window and rolls back by itself if a gate fails.
-        #[arg(long)]
-        no_wait: bool,
-        /// When the release's commit was made (RFC 3339): kept in history,
-        /// for lead time (`deploy-controller dora`).
-        #[arg(long, value_name = "TIME")]
-        commit_time: Option<String>,
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-    },
+    Deploy(DeployArgs),
     /// Put a retained release back (default: the previous one).
-    Rollback {
-        #[arg(long)]
-        project: String,
-        #[arg(long)]
-        to: Option<String>,
-        #[arg(long, value_parser = humantime::parse_duration)]
-        lock_wait: Option<std::time::Duration>,
-        #[arg(long)]
-        reason: Option<String>,
-        /// Also run the leaving release's `migrate.down` (code-only otherwise).
-        #[arg(long)]
-        migrate_down: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Rollback(RollbackArgs),
     /// Which release serves each project, and its containers.
     Status {
         #[arg(long)]
@@ -125,6 +81,57 @@ enum Cmd {
     ServeStdio,
 }
 
+#[derive(clap::Args)]
+struct DeployArgs {
+    #[arg(long)]
+    project: String,
+    /// The compose file.
+    #[arg(long)]
+    file: PathBuf,
+    #[arg(long)]
+    release: String,
+    /// Interpolation variable, `K=V` (repeatable). `RELEASE` is set for you.
+    #[arg(long = "var", value_name = "K=V")]
+    vars: Vec<String>,
+    /// Wait this long for another operation on the project to finish.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    lock_wait: Option<std::time::Duration>,
+    /// Why (recorded in the audit log).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Run the `migrate` hook here (one host of an environment).
+    #[arg(long)]
+    run_migrations: bool,
+    /// Return once traffic has switched; the daemon watches the
+    /// observation window and rolls back by itself if a gate fails.
+    #[arg(long)]
+    no_wait: bool,
+    /// When the release's commit was made (RFC 3339): kept in history,
+    /// for lead time (`deploy-controller dora`).
+    #[arg(long, value_name = "TIME")]
+    commit_time: Option<String>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct RollbackArgs {
+    #[arg(long)]
+    project: String,
+    #[arg(long)]
+    to: Option<String>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    lock_wait: Option<std::time::Duration>,
+    #[arg(long)]
+    reason: Option<String>,
+    /// Also run the leaving release's `migrate.down` (code-only otherwise).
+    #[arg(long)]
+    migrate_down: bool,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum AuditCmd {
     /// Check the hash chain: detects edited and deleted records.
@@ -149,7 +156,7 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async {
-        match real_main(cli).await {
+        match run(cli).await {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -198,11 +205,12 @@ fn load_config(path: Option<&Path>) -> Result<AgentConfig, i32> {
     })
 }
 
-async fn real_main(cli: Cli) -> anyhow::Result<i32> {
+/// One function per command; this one picks it.
+async fn run(cli: Cli) -> anyhow::Result<i32> {
     let service = matches!(cli.cmd, Cmd::Proxy { .. } | Cmd::Run);
     init_logging(service);
-    // issue 5: the SSH transport reads its own config only if no daemon
-    // answers, and reports every error as a JSON line.
+    // The SSH transport reads its own config only if no daemon answers,
+    // and reports every error as a JSON line.
     if matches!(cli.cmd, Cmd::ServeStdio) {
         return Ok(deploy_agent::stdio::serve(&cli.state_dir, cli.config.clone(), VERSION).await);
     }
@@ -210,237 +218,229 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let state_dir = cli.state_dir.clone();
-    let sock = state_dir.join("agent.sock");
+    let local = Local::new(&cli.state_dir, cli.config.clone());
     match cli.cmd {
         Cmd::ServeStdio => Ok(exit::CONFIG), // handled above
-        Cmd::CheckConfig => {
-            println!(
-                "configuration ok: instance {}, retain {}, {} registr{}",
-                config.instance,
-                config.retain,
-                config.registries.len(),
-                if config.registries.len() == 1 {
-                    "y"
-                } else {
-                    "ies"
-                }
+        Cmd::CheckConfig => Ok(check_config(&config)),
+        Cmd::Proxy { take_over } => run_proxy(&cli.state_dir, take_over).await,
+        Cmd::Run => run_daemon(&cli.state_dir, config).await,
+        Cmd::Deploy(args) => deploy(local, args).await,
+        Cmd::Rollback(args) => rollback(local, args).await,
+        Cmd::Status { project, json } => status(local, project, json).await,
+        Cmd::History { project, json } => history(&cli.state_dir, &project, json),
+        Cmd::Audit { cmd } => audit(&cli.state_dir, cmd),
+    }
+}
+
+fn check_config(config: &AgentConfig) -> i32 {
+    println!(
+        "configuration ok: instance {}, retain {}, {} registr{}",
+        config.instance,
+        config.retain,
+        config.registries.len(),
+        if config.registries.len() == 1 {
+            "y"
+        } else {
+            "ies"
+        }
+    );
+    exit::SUCCESS
+}
+
+async fn run_proxy(state_dir: &Path, take_over: bool) -> anyhow::Result<i32> {
+    let options = proxy::Options {
+        take_over,
+        successor: successor_command(),
+    };
+    proxy::run_with(state_dir, options, upgrade_requests(), shutdown_signal())
+        .await
+        .context("the proxy stopped")?;
+    Ok(exit::SUCCESS)
+}
+
+async fn run_daemon(state_dir: &Path, config: AgentConfig) -> anyhow::Result<i32> {
+    let engine = match Engine::open(state_dir, config).await {
+        Ok(e) => e,
+        Err(e) => return Ok(fail(e)),
+    };
+    daemon::run(engine, state_dir, shutdown_signal()).await?;
+    Ok(exit::SUCCESS)
+}
+
+fn millis(d: Option<std::time::Duration>) -> Option<u64> {
+    d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+async fn deploy(local: Local, args: DeployArgs) -> anyhow::Result<i32> {
+    let mut vars = BTreeMap::new();
+    for v in &args.vars {
+        let Some((k, val)) = v.split_once('=') else {
+            eprintln!("error: --var {v:?} must be KEY=VALUE");
+            return Ok(exit::CONFIG);
+        };
+        vars.insert(k.to_string(), val.to_string());
+    }
+    let compose_text = match std::fs::read_to_string(&args.file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "error: cannot read the compose file {}: {e}",
+                args.file.display()
             );
-            Ok(exit::SUCCESS)
+            return Ok(exit::CONFIG);
         }
-        Cmd::Proxy { take_over } => {
-            let options = proxy::Options {
-                take_over,
-                successor: successor_command(),
-            };
-            proxy::run_with(&state_dir, options, upgrade_requests(), shutdown_signal())
-                .await
-                .context("the proxy stopped")?;
-            Ok(exit::SUCCESS)
+    };
+    let compose_path = std::path::absolute(&args.file).unwrap_or(args.file);
+    let req = DeployRequest {
+        project: args.project,
+        release: args.release,
+        compose_path: compose_path.display().to_string(),
+        compose_text,
+        vars,
+        lock_wait_ms: millis(args.lock_wait),
+        reason: args.reason,
+        run_migrations: args.run_migrations,
+        no_wait: args.no_wait,
+        commit_time: args.commit_time,
+        ..DeployRequest::default()
+    };
+    operation(
+        local,
+        Op::Deploy,
+        serde_json::to_value(&req)?,
+        args.json,
+        args.no_wait,
+    )
+    .await
+}
+
+async fn rollback(local: Local, args: RollbackArgs) -> anyhow::Result<i32> {
+    let req = RollbackRequest {
+        project: args.project,
+        to: args.to,
+        lock_wait_ms: millis(args.lock_wait),
+        reason: args.reason,
+        migrate_down: args.migrate_down,
+        ..RollbackRequest::default()
+    };
+    operation(
+        local,
+        Op::Rollback,
+        serde_json::to_value(&req)?,
+        args.json,
+        false,
+    )
+    .await
+}
+
+/// A deploy or rollback, through the daemon or in this process, its
+/// events printed as they come. `no_wait`: stop at the switch (the
+/// observation window begins) and leave the rest to the daemon.
+async fn operation(
+    mut local: Local,
+    op: Op,
+    input: serde_json::Value,
+    json: bool,
+    no_wait: bool,
+) -> anyhow::Result<i32> {
+    let caller = Caller::unix(api::process_user());
+    let mut printer = Printer::new(json);
+    let (_, reply) = local.perform(op, &caller, input).await?;
+    let mut events = match reply {
+        Reply::Events(events) => events,
+        Reply::Refused { error, .. } => {
+            eprintln!("error: {}", error.message);
+            return Ok(error.outcome.exit_code());
         }
-        Cmd::Run => {
-            let engine = match Engine::open(&state_dir, config).await {
-                Ok(e) => e,
-                Err(e) => return Ok(fail(e)),
-            };
-            daemon::run(engine, &state_dir).await?;
-            Ok(exit::SUCCESS)
+        Reply::Json(_) | Reply::Text(_) => anyhow::bail!("unexpected answer to {}", op.name()),
+    };
+    while let Some(e) = events.next().await {
+        let e = e.map_err(anyhow::Error::msg)?;
+        let switched = no_wait && matches!(&e, Event::Progress(p) if p.step == "observe");
+        printer.event(e);
+        if switched {
+            printer.detached();
+            break;
         }
-        Cmd::Deploy {
-            project,
-            file,
-            release,
-            vars,
-            lock_wait,
-            reason,
-            run_migrations,
-            no_wait,
-            commit_time,
-            json,
-        } => {
-            let mut var_map = BTreeMap::new();
-            for v in &vars {
-                let Some((k, val)) = v.split_once('=') else {
-                    eprintln!("error: --var {v:?} must be KEY=VALUE");
-                    return Ok(exit::CONFIG);
-                };
-                var_map.insert(k.to_string(), val.to_string());
+    }
+    local.finish().await;
+    Ok(printer.exit_code())
+}
+
+async fn status(mut local: Local, project: Option<String>, json: bool) -> anyhow::Result<i32> {
+    let caller = Caller::unix(api::process_user());
+    let query = Query {
+        project,
+        ..Query::default()
+    };
+    let (_, reply) = local
+        .perform(Op::Status, &caller, serde_json::to_value(&query)?)
+        .await?;
+    let report: StatusReport = match reply.json() {
+        Ok(r) => r,
+        Err(e) => return Ok(fail(e)),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_status(&report);
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn history(state_dir: &Path, project: &str, json: bool) -> anyhow::Result<i32> {
+    let store = match open_store(state_dir) {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    let entries: Vec<HistoryEntry> =
+        store.history(project, Query::default().limit_for(Op::History))?;
+    for h in &entries {
+        if json {
+            println!("{}", serde_json::to_string(h)?);
+        } else {
+            println!(
+                "{}  {:<9} {:<12} {:<18} from {:<12} by {}{}",
+                h.started_at,
+                h.operation.as_str(),
+                h.release,
+                h.outcome.map(Outcome::as_str).unwrap_or("in progress"),
+                h.previous.as_deref().unwrap_or("-"),
+                h.who,
+                h.duration_ms
+                    .map(|d| format!(" ({:.1}s)", d as f64 / 1000.0))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if entries.is_empty() && !json {
+        println!("no operations recorded for project {project}");
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn audit(state_dir: &Path, cmd: AuditCmd) -> anyhow::Result<i32> {
+    let store = match open_store(state_dir) {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    match cmd {
+        AuditCmd::Verify => match store.verify_audit()? {
+            AuditVerification::Intact { records, head } => {
+                println!("audit log intact: {records} records, head {head}");
+                Ok(exit::SUCCESS)
             }
-            let compose_text = match std::fs::read_to_string(&file) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!(
-                        "error: cannot read the compose file {}: {e}",
-                        file.display()
-                    );
-                    return Ok(exit::CONFIG);
-                }
-            };
-            let compose_path = std::path::absolute(&file).unwrap_or(file);
-            let req = DeployRequest {
-                project,
-                release,
-                compose_path: compose_path.display().to_string(),
-                compose_text,
-                vars: var_map,
-                lock_wait_ms: lock_wait.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                reason,
-                run_migrations,
-                no_wait,
-                commit_time,
-                ..DeployRequest::default()
-            };
-            let mut printer = Printer::new(json);
-            let via_daemon = local_client::post_operation(&sock, "/v1/deploy", &req, |e| {
-                // --no-wait: the switch is done once the window starts.
-                let switched = no_wait && matches!(&e, Event::Progress(p) if p.step == "observe");
-                printer.event(e);
-                if switched {
-                    printer.detached();
-                }
-                !switched
-            })
-            .await?;
-            if via_daemon.is_none() {
-                if no_wait {
-                    eprintln!(
-                        "error: --no-wait needs the daemon (deploy-agent run) to finish the observation window, and none answers on {}",
-                        sock.display()
-                    );
-                    return Ok(exit::CONFIG);
-                }
-                let engine = match Engine::open(&state_dir, config).await {
-                    Ok(e) => e,
-                    Err(e) => return Ok(fail(e)),
-                };
-                let who = daemon::unix_user(nix::unistd::getuid().as_raw());
-                let notifier = engine.notifier.clone();
-                let result = in_process(&mut printer, |tx| async move {
-                    engine.deploy(&req, &who, &tx).await
-                })
-                .await;
-                printer.event(Event::Result(result));
-                notifier.flush_before_exit().await;
+            AuditVerification::Broken { seq, reason } => {
+                eprintln!("audit log BROKEN at record {seq}: {reason}");
+                Ok(exit::HEALTH_GATE_FAILED)
             }
-            Ok(printer.exit_code())
-        }
-        Cmd::Rollback {
-            project,
-            to,
-            lock_wait,
-            reason,
-            migrate_down,
-            json,
-        } => {
-            let req = RollbackRequest {
-                project,
-                to,
-                lock_wait_ms: lock_wait.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                reason,
-                migrate_down,
-                ..RollbackRequest::default()
-            };
-            let mut printer = Printer::new(json);
-            let via_daemon = local_client::post_operation(&sock, "/v1/rollback", &req, |e| {
-                printer.event(e);
-                true
-            })
-            .await?;
-            if via_daemon.is_none() {
-                let engine = match Engine::open(&state_dir, config).await {
-                    Ok(e) => e,
-                    Err(e) => return Ok(fail(e)),
-                };
-                let who = daemon::unix_user(nix::unistd::getuid().as_raw());
-                let notifier = engine.notifier.clone();
-                let result = in_process(&mut printer, |tx| async move {
-                    engine.rollback(&req, &who, &tx).await
-                })
-                .await;
-                printer.event(Event::Result(result));
-                notifier.flush_before_exit().await;
-            }
-            Ok(printer.exit_code())
-        }
-        Cmd::Status { project, json } => {
-            let path = match &project {
-                Some(p) => format!("/v1/status?project={p}"),
-                None => "/v1/status".to_string(),
-            };
-            let report: StatusReport = match local_client::get_json(&sock, &path).await? {
-                Some(Ok(r)) => r,
-                Some(Err(e)) => return Ok(fail(OpError::new(e.outcome, e.message))),
-                None => {
-                    let engine = match Engine::open(&state_dir, config).await {
-                        Ok(e) => e,
-                        Err(e) => return Ok(fail(e)),
-                    };
-                    match engine.status(project.as_deref()).await {
-                        Ok(r) => r,
-                        Err(e) => return Ok(fail(e)),
-                    }
-                }
-            };
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print_status(&report);
+        },
+        AuditCmd::Export { project } => {
+            let mut out = std::io::stdout().lock();
+            for r in store.audit(project.as_deref(), usize::MAX)? {
+                writeln!(out, "{}", serde_json::to_string(&r)?)?;
             }
             Ok(exit::SUCCESS)
-        }
-        Cmd::History { project, json } => {
-            let store = match open_store(&state_dir) {
-                Ok(s) => s,
-                Err(code) => return Ok(code),
-            };
-            let entries: Vec<HistoryEntry> = store.history(&project, 1000)?;
-            for h in &entries {
-                if json {
-                    println!("{}", serde_json::to_string(h)?);
-                } else {
-                    println!(
-                        "{}  {:<9} {:<12} {:<18} from {:<12} by {}{}",
-                        h.started_at,
-                        h.operation.as_str(),
-                        h.release,
-                        h.outcome.map(Outcome::as_str).unwrap_or("in progress"),
-                        h.previous.as_deref().unwrap_or("-"),
-                        h.who,
-                        h.duration_ms
-                            .map(|d| format!(" ({:.1}s)", d as f64 / 1000.0))
-                            .unwrap_or_default()
-                    );
-                }
-            }
-            if entries.is_empty() && !json {
-                println!("no operations recorded for project {project}");
-            }
-            Ok(exit::SUCCESS)
-        }
-        Cmd::Audit { cmd } => {
-            let store = match open_store(&state_dir) {
-                Ok(s) => s,
-                Err(code) => return Ok(code),
-            };
-            match cmd {
-                AuditCmd::Verify => match store.verify_audit()? {
-                    AuditVerification::Intact { records, head } => {
-                        println!("audit log intact: {records} records, head {head}");
-                        Ok(exit::SUCCESS)
-                    }
-                    AuditVerification::Broken { seq, reason } => {
-                        eprintln!("audit log BROKEN at record {seq}: {reason}");
-                        Ok(exit::HEALTH_GATE_FAILED)
-                    }
-                },
-                AuditCmd::Export { project } => {
-                    let mut out = std::io::stdout().lock();
-                    for r in store.audit(project.as_deref(), usize::MAX)? {
-                        writeln!(out, "{}", serde_json::to_string(&r)?)?;
-                    }
-                    Ok(exit::SUCCESS)
-                }
-            }
         }
     }
 }
@@ -463,28 +463,6 @@ fn open_store(state_dir: &Path) -> Result<Store, i32> {
 fn fail(e: OpError) -> i32 {
     eprintln!("error: {}", e.message);
     e.outcome.exit_code()
-}
-
-/// Run an operation in this process, printing its events as they come.
-async fn in_process<F, Fut>(printer: &mut Printer, op: F) -> OperationResult
-where
-    F: FnOnce(tokio::sync::mpsc::UnboundedSender<Event>) -> Fut,
-    Fut: std::future::Future<Output = OperationResult>,
-{
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let fut = op(tx);
-    tokio::pin!(fut);
-    loop {
-        tokio::select! {
-            result = &mut fut => {
-                while let Ok(e) = rx.try_recv() {
-                    printer.event(e);
-                }
-                return result;
-            }
-            Some(e) = rx.recv() => printer.event(e),
-        }
-    }
 }
 
 /// This very command line plus `--take-over`, from the path the binary was
@@ -525,6 +503,7 @@ fn upgrade_requests() -> tokio::sync::mpsc::Receiver<()> {
     rx
 }
 
+/// The one shutdown future of both services: SIGTERM or Ctrl-C.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {

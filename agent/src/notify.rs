@@ -126,7 +126,7 @@ impl Notifier {
             events: config.events.clone(),
             timeout: config.timeout,
             origin: Origin {
-                host: crate::api::hostname(),
+                host: crate::config::hostname(),
                 environment: environment.map(str::to_string),
             },
             queue: tx,

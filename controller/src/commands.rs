@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use deploy_protocol::AuditRecord;
-use deploy_protocol::{ApprovalRequest, HistoryEntry, Outcome, ProjectStatus};
+use deploy_protocol::{ApprovalRequest, HistoryEntry, Outcome, ProjectStatus, ServedBy};
 use futures_util::future::join_all;
 use serde::Serialize;
 
@@ -240,8 +240,8 @@ fn print_status(s: &StatusOutput) {
                         .collect::<Vec<_>>()
                         .join(",")
                 },
-                match (h.via.transport, h.via.served_by.as_deref(), &h.error) {
-                    ("ssh", Some("in_process"), None) => {
+                match (h.via.transport, h.via.served_by, &h.error) {
+                    ("ssh", Some(ServedBy::InProcess), None) => {
                         format!("{} (over SSH: agent down)", h.health)
                     }
                     ("ssh", Some(_), None) => format!(

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use deploy_protocol::caller::Transport;
 use deploy_protocol::{
     APPROVAL_ACTION, DeployRequest, OperationKind, OperationResult, Outcome, PullRequest,
     RollbackRequest,
@@ -318,7 +319,7 @@ async fn gate(
             .filter_map(|r| {
                 let approved = r.action == APPROVAL_ACTION
                     && r.release.as_deref() == Some(release)
-                    && r.who.starts_with("mtls:");
+                    && Transport::of_recorded(&r.who) == Some(Transport::Mtls);
                 let at = r.ts.parse::<jiff::Timestamp>().ok()?;
                 approved.then_some((r.who, at))
             })

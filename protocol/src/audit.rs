@@ -62,7 +62,6 @@ impl AuditRecord {
     }
 }
 
-
 /// Serialises `v` canonically: no whitespace, object keys sorted by their
 /// UTF-8 bytes, strings escaped minimally (`\"`, `\\`, `\b \f \n \r \t`,
 /// other control characters as lowercase `\u00xx`), numbers as serde_json

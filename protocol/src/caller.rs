@@ -118,7 +118,11 @@ mod tests {
         };
         for (c, text, t) in [
             (Caller::unix("root"), "unix:root", Transport::Unix),
-            (Caller::mtls("ci-production"), "mtls:ci-production", Transport::Mtls),
+            (
+                Caller::mtls("ci-production"),
+                "mtls:ci-production",
+                Transport::Mtls,
+            ),
             (
                 ssh,
                 "ssh:deploy key=SHA256:abc from=10.0.0.5 controller=ci",

@@ -513,10 +513,48 @@ fn valid_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cfg(text: &str) -> Result<AgentConfig, String> {
+        AgentConfig::parse(Path::new("agent.toml"), text).map_err(|e| e.to_string())
+    }
+
+    const TLS: &str = "api_listen = \"0.0.0.0:7443\"\ntls_cert = \"a.pem\"\ntls_key = \"a-key.pem\"\ntls_ca = \"ca.pem\"\n";
+
+    #[test]
+    fn the_tls_api_needs_certificates_an_environment_and_grants() {
+        let ok = cfg(&format!(
+            "{TLS}environment = \"production\"\n[grants]\n\"ci-production\" = \"deployer\"\ndashboard = \"reader\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.api_listen, Some("0.0.0.0:7443".parse().unwrap()));
+        assert_eq!(ok.grants["dashboard"], crate::wire::Role::Reader);
+        assert_eq!(environment(&ok), "production");
+        // No TLS API: nothing else is required.
+        assert_eq!(environment(&cfg("").unwrap()), DEFAULT_ENVIRONMENT);
+
+        let e =
+            cfg("api_listen = \"0.0.0.0:7443\"\nenvironment = \"p\"\ngrants = { x = \"reader\" }")
+                .unwrap_err();
+        assert!(e.contains("tls_cert, tls_key, tls_ca"), "{e}");
+        let e = cfg(&format!("{TLS}grants = {{ x = \"reader\" }}")).unwrap_err();
+        assert!(e.contains("environment"), "{e}");
+        let e = cfg(&format!("{TLS}environment = \"p\"")).unwrap_err();
+        assert!(e.contains("[grants]"), "{e}");
+        let e = cfg(&format!(
+            "{TLS}environment = \"p\"\ngrants = {{ x = \"admin\" }}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("admin"), "{e}");
+        let e = cfg("environment = \"prod env\"").unwrap_err();
+        assert!(e.contains("environment"), "{e}");
+        let e = cfg("grants = { \"mtls:x\" = \"reader\" }").unwrap_err();
+        assert!(e.contains("CN"), "{e}");
+        let e = cfg("api_listen = \"nowhere\"").unwrap_err();
+        assert!(e.contains("api_listen"), "{e}");
+    }
 
     #[test]
     fn defaults_when_the_default_file_is_missing() {

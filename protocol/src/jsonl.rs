@@ -78,7 +78,10 @@ mod tests {
         assert_eq!(s.next_line().unwrap(), b"{\"b\":2}");
         assert_eq!(s.next_line(), None);
         assert_eq!(s.finish().unwrap(), b"{\"c\":3}");
-        assert_eq!(encode(&serde_json::json!({"x": 1})).unwrap(), b"{\"x\":1}\n");
+        assert_eq!(
+            encode(&serde_json::json!({"x": 1})).unwrap(),
+            b"{\"x\":1}\n"
+        );
     }
 
     #[test]

@@ -134,17 +134,73 @@ use Role::{Approver, Deployer, Reader};
 pub const OPERATIONS: [Spec; 14] = [
     spec(Op::Ping, Get, "/v1/ping", Reader, Nothing, Text, true),
     spec(Op::Deploy, Post, "/v1/deploy", Deployer, Body, Events, true),
-    spec(Op::Rollback, Post, "/v1/rollback", Deployer, Body, Events, true),
-    spec(Op::Status, Get, "/v1/status", Reader, Input::Query, Json, true),
-    spec(Op::History, Get, "/v1/history", Reader, Input::Query, Json, true),
+    spec(
+        Op::Rollback,
+        Post,
+        "/v1/rollback",
+        Deployer,
+        Body,
+        Events,
+        true,
+    ),
+    spec(
+        Op::Status,
+        Get,
+        "/v1/status",
+        Reader,
+        Input::Query,
+        Json,
+        true,
+    ),
+    spec(
+        Op::History,
+        Get,
+        "/v1/history",
+        Reader,
+        Input::Query,
+        Json,
+        true,
+    ),
     spec(Op::Pull, Post, "/v1/pull", Deployer, Body, Json, true),
-    spec(Op::Audit, Get, "/v1/audit", Reader, Input::Query, Json, true),
-    spec(Op::Release, Get, "/v1/release", Reader, Input::Query, Json, true),
+    spec(
+        Op::Audit,
+        Get,
+        "/v1/audit",
+        Reader,
+        Input::Query,
+        Json,
+        true,
+    ),
+    spec(
+        Op::Release,
+        Get,
+        "/v1/release",
+        Reader,
+        Input::Query,
+        Json,
+        true,
+    ),
     spec(Op::Lock, Post, "/v1/lock", Deployer, Body, Json, true),
     spec(Op::LockStatus, Get, "/v1/lock", Reader, Nothing, Json, true),
-    spec(Op::Renew, Post, "/v1/lock/renew", Deployer, Body, Json, true),
+    spec(
+        Op::Renew,
+        Post,
+        "/v1/lock/renew",
+        Deployer,
+        Body,
+        Json,
+        true,
+    ),
     spec(Op::Unlock, Delete, "/v1/lock", Deployer, Body, Json, true),
-    spec(Op::Approve, Post, "/v1/approvals", Approver, Body, Json, false),
+    spec(
+        Op::Approve,
+        Post,
+        "/v1/approvals",
+        Approver,
+        Body,
+        Json,
+        false,
+    ),
     spec(Op::Metrics, Get, "/metrics", Reader, Nothing, Text, false),
 ];
 
@@ -387,10 +443,7 @@ mod tests {
             ..Query::default()
         };
         assert_eq!(Op::Status.path_and_query(&q), "/v1/status?project=a%20b");
-        assert_eq!(
-            Op::Status.path_and_query(&Query::default()),
-            "/v1/status"
-        );
+        assert_eq!(Op::Status.path_and_query(&Query::default()), "/v1/status");
         assert_eq!(
             Op::Audit.path_and_query(&q),
             "/v1/audit?limit=100&project=a%20b"

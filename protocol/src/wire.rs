@@ -503,54 +503,12 @@ pub struct StdioRequest {
     pub caller: StdioCaller,
 }
 
-/// The operations of `serve-stdio`: every call the controller makes on
-/// the HTTPS API has one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StdioOp {
-    Ping,
-    Deploy,
-    Rollback,
-    Status,
-    History,
-    Pull,
-    Audit,
-    Release,
-    Lock,
-    LockStatus,
-    Renew,
-    Unlock,
-}
-
-impl StdioOp {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StdioOp::Ping => "ping",
-            StdioOp::Deploy => "deploy",
-            StdioOp::Rollback => "rollback",
-            StdioOp::Status => "status",
-            StdioOp::History => "history",
-            StdioOp::Pull => "pull",
-            StdioOp::Audit => "audit",
-            StdioOp::Release => "release",
-            StdioOp::Lock => "lock",
-            StdioOp::LockStatus => "lock_status",
-            StdioOp::Renew => "renew",
-            StdioOp::Unlock => "unlock",
-        }
-    }
-}
+/// The operations of `serve-stdio`: the operation table's ops offered
+/// over SSH.
+pub type StdioOp = crate::ops::Op;
 
 /// The query of a read op (`status`, `history`, `audit`, `release`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct StdioQuery {
-    #[serde(default)]
-    pub project: Option<String>,
-    #[serde(default)]
-    pub release: Option<String>,
-    #[serde(default)]
-    pub limit: Option<usize>,
-}
+pub type StdioQuery = crate::ops::Query;
 
 /// What the controller says about itself in a `serve-stdio` request.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -639,13 +597,29 @@ pub enum StdioLine {
     },
 }
 
+/// Who does the work of a request that came through `serve-stdio`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServedBy {
+    /// Handed to `deploy-agent run` over agent.sock.
+    Daemon,
+    /// No daemon answered: this process does the work under the host lock.
+    InProcess,
+}
+
+impl ServedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServedBy::Daemon => "daemon",
+            ServedBy::InProcess => "in_process",
+        }
+    }
+}
+
 /// The first line of `serve-stdio`'s output.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StdioHello {
-    /// `daemon` (handed to `deploy-agent run` over agent.sock) or
-    /// `in_process` (no daemon answered: this process does the work under
-    /// the host lock).
-    pub served_by: String,
+    pub served_by: ServedBy,
     /// The identity recorded for the caller (see [`SshCaller::who`]).
     pub who: String,
     pub host: String,

@@ -9,23 +9,14 @@ use std::collections::BTreeMap;
 
 use http::Method;
 
+use deploy_protocol::{Caller, Op};
+
 use crate::wire::{Denial, Role};
 
-/// The role a request needs. Reads are `Reader`; an approval is
-/// `Approver`; everything else, including any route this table does not
-/// know, is `Deployer` (deny by default).
+/// The role a request needs: its operation's in the table; a route the
+/// table does not know needs `Deployer` (deny by default).
 pub fn required_role(method: &Method, path: &str) -> Role {
-    let read = *method == Method::GET || *method == Method::HEAD;
-    match path {
-        "/v1/approvals" if *method == Method::POST => Role::Approver,
-        "/v1/ping" | "/v1/status" | "/v1/history" | "/v1/audit" | "/v1/release" | "/v1/lock"
-        | "/metrics"
-            if read =>
-        {
-            Role::Reader
-        }
-        _ => Role::Deployer,
-    }
+    Op::required_role(method.as_str(), path)
 }
 
 /// Checks `identity` (the certificate's, without the `mtls:` prefix)
@@ -42,7 +33,7 @@ pub fn authorize(
     match granted {
         Some(role) if role.permits(required) => Ok(role),
         _ => Err(Denial {
-            identity: format!("mtls:{identity}"),
+            identity: Caller::mtls(identity).to_string(),
             environment: environment.to_string(),
             required,
             granted,

@@ -1,87 +1,87 @@
-//! The fleet side of the agent's API (issue 4): what `deploy-controller`
-//! needs besides deploy / rollback / status / history, and the HTTPS server
-//! with mutual TLS that serves the daemon's whole router to the network.
+//! The agent's API: its whole HTTP face, derived from the operation table
+//! (`deploy_protocol::ops`).
 //!
-//! - [`routes`]: `POST /v1/pull` (pre-pull and pin, nothing changes),
-//!   `GET /v1/audit`, `GET /v1/release`, and the environment lease
-//!   (`GET|POST|DELETE /v1/lock`, `POST /v1/lock/renew`). They are merged
-//!   into the daemon's router, so they answer on the unix socket (the local
-//!   user counts as a deployer) and over mTLS alike.
+//! - [`router`]: one route per row of the table (`/v1/…` and `/metrics`),
+//!   each handing the request to [`Api::dispatch`] with the caller as a
+//!   [`Caller`]. The daemon serves it on `agent.sock` (the peer's Unix user
+//!   from `SO_PEERCRED`; a request from `serve-stdio` may name its SSH
+//!   caller, see [`via`]) and over HTTPS.
 //! - [`tls`]: the HTTPS listener (`api_listen` in agent.toml). Each request
 //!   is authorized ([`authz`]) by the client certificate's identity and the
 //!   role `[grants]` gives it in this agent's `environment`; a refusal is a
 //!   403 with an [`ApiError`] saying who, where and what role, and an
-//!   `api.denied` audit record. The identity becomes [`Peer::who`] as
-//!   `mtls:<CN>`, so every record names the certificate.
-//! - [`check_lease`]: while a controller holds the environment lease, only
-//!   its deployment may deploy or roll back on this host.
+//!   `api.denied` audit record.
+//! - [`status_of`]: the one mapping from an error to an HTTP status.
+//!
+//! Invariant: statuses, headers and bodies are chosen here and nowhere
+//! else; the engine answers with domain errors ([`OpError`]).
 
 pub mod authz;
-pub mod pull;
+mod dispatch;
 pub mod tls;
+pub mod via;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::Json;
 use axum::Router;
-use axum::extract::connect_info::ConnectInfo;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::body::{Body, Bytes};
+use axum::extract::connect_info::{self, ConnectInfo};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use serde::Deserialize;
+use axum::routing::{MethodFilter, on};
+use deploy_protocol::ops::{Input, Method, OPERATIONS};
+use deploy_protocol::{Caller, Op, jsonl};
+use tokio::net::UnixListener;
 
-use crate::config::{AgentConfig, environment};
-use crate::daemon::Peer;
-use crate::engine::{Engine, OpError};
-use crate::store::lease::LeaseError;
-use crate::store::{AuditEntry, Store};
-use crate::wire::{
-    APPROVAL_ACTION, ApiError, ApprovalRecorded, ApprovalRequest, LockGranted, LockRequest,
-    Outcome, PullRequest, ReleaseInfo, UnlockRequest,
-};
+pub use dispatch::{Answer, Api, pump, typed};
 
-/// Shortest and longest lease a controller may ask for.
-pub const MIN_LEASE: Duration = Duration::from_millis(500);
-pub const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
+use crate::engine::OpError;
+use crate::wire::{ApiError, Outcome};
 
-/// Refuses a deploy or rollback while another deployment holds this
-/// environment's lease. `who` is the caller's identity: the lease's owner
-/// is its deployment id *and* the identity that took it.
-pub fn check_lease(
-    store: &Store,
-    config: &AgentConfig,
-    deployment_id: Option<&str>,
-    who: &str,
-) -> Result<(), OpError> {
-    let env = environment(config);
-    let Some(lease) = store.active_lease(env, jiff::Timestamp::now())? else {
-        return Ok(());
-    };
-    if deployment_id == Some(lease.deployment_id.as_str()) && who == lease.identity {
-        return Ok(());
+/// The largest request body accepted (a compose file travels in it).
+pub const MAX_REQUEST: usize = 4 * 1024 * 1024;
+
+/// Who is on the other end of a connection: an axum `ConnectInfo`, set
+/// from `SO_PEERCRED` on agent.sock and from the client certificate over
+/// HTTPS.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub caller: Caller,
+}
+
+impl connect_info::Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        let user = stream
+            .io()
+            .peer_cred()
+            .map(|c| unix_user(c.uid()))
+            .unwrap_or_else(|_| "unknown".into());
+        Peer {
+            caller: Caller::unix(user),
+        }
     }
-    Err(OpError::new(
-        Outcome::Locked,
-        format!(
-            "environment {env} is locked by deployment {} ({}{}) until {}: a fleet deployment is in progress on this host; \
-             wait for it to end (or for its lock to expire) and retry",
-            lease.deployment_id,
-            lease.identity,
-            lease
-                .purpose
-                .as_ref()
-                .map(|p| format!(", {p}"))
-                .unwrap_or_default(),
-            lease.expires_at
-        ),
-    ))
+}
+
+/// The name of a uid (or `uid=N` when it has none).
+pub fn unix_user(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(u)) => u.name,
+        _ => format!("uid={uid}"),
+    }
+}
+
+/// The caller of this process (the CLI, `serve-stdio`).
+pub fn process_user() -> String {
+    unix_user(nix::unistd::getuid().as_raw())
 }
 
 /// The HTTP status of an error answer.
-pub fn status_of(outcome: Outcome) -> StatusCode {
-    match outcome {
+pub fn status_of(e: &OpError) -> StatusCode {
+    if e.not_found {
+        return StatusCode::NOT_FOUND;
+    }
+    match e.outcome {
         Outcome::ConfigError => StatusCode::BAD_REQUEST,
         Outcome::Denied => StatusCode::FORBIDDEN,
         Outcome::Locked => StatusCode::CONFLICT,
@@ -91,537 +91,116 @@ pub fn status_of(outcome: Outcome) -> StatusCode {
     }
 }
 
-fn error(e: ApiError) -> Response {
-    (status_of(e.outcome), Json(e)).into_response()
+/// An error answer: its status and the [`ApiError`] JSON.
+pub fn error_response(e: OpError) -> Response {
+    let status = status_of(&e);
+    json_response(status, &e.into_api())
 }
 
-fn op_error(e: OpError) -> Response {
-    error(ApiError::new(e.outcome, e.message))
+/// An [`ApiError`] as an answer.
+pub fn api_error_response(status: StatusCode, e: &ApiError) -> Response {
+    json_response(status, e)
 }
 
-/// The routes of this module, to merge into the daemon's router.
-pub fn routes(engine: Arc<Engine>) -> Router {
-    Router::new()
-        .route("/v1/pull", post(pull))
-        .route("/v1/audit", get(audit))
-        .route("/v1/release", get(release))
-        .route("/v1/lock", get(lock_get).post(lock).delete(unlock))
-        .route("/v1/lock/renew", post(renew))
-        .route("/v1/approvals", post(approve))
-        .with_state(engine)
+fn json_response<T: serde::Serialize>(status: StatusCode, v: &T) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(body) => (status, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
-/// An approval, from an mTLS identity only: the role check (approver) has
-/// run in the TLS layer. Over the local socket or SSH there is no such
-/// identity, so there is no approving there.
-async fn approve(
-    State(engine): State<Arc<Engine>>,
+/// An answer as HTTP: JSON, text, or JSON lines streamed as they come.
+pub fn answer_response(op: Op, answer: Answer) -> Response {
+    match answer {
+        Answer::Json(v) => json_response(StatusCode::OK, &v),
+        Answer::Text(t) => {
+            let content_type = if op == Op::Metrics {
+                crate::metrics::CONTENT_TYPE
+            } else {
+                "text/plain; charset=utf-8"
+            };
+            ([(header::CONTENT_TYPE, content_type)], t).into_response()
+        }
+        Answer::Events(rx) => {
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                let event = rx.recv().await?;
+                Some((
+                    Ok::<_, std::convert::Infallible>(jsonl::encode(&event).unwrap_or_default()),
+                    rx,
+                ))
+            });
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/x-ndjson")
+                .body(Body::from_stream(stream))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+    }
+}
+
+/// The request's JSON: its body, or its query as an object.
+fn input(op: Op, uri: &Uri, body: &Bytes) -> Result<serde_json::Value, OpError> {
+    let bad = |m: String| OpError::new(Outcome::ConfigError, m);
+    match op.spec().input {
+        Input::Nothing => Ok(serde_json::Value::Null),
+        Input::Query => {
+            let q: axum::extract::Query<deploy_protocol::Query> =
+                axum::extract::Query::try_from_uri(uri)
+                    .map_err(|e| bad(format!("the query of {} is not valid: {e}", op.name())))?;
+            serde_json::to_value(q.0).map_err(|e| bad(e.to_string()))
+        }
+        Input::Body => serde_json::from_slice(body)
+            .map_err(|e| bad(format!("the body of {} is not valid JSON: {e}", op.name()))),
+    }
+}
+
+async fn handle(
+    State((api, op)): State<(Arc<Api>, Op)>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    Json(req): Json<ApprovalRequest>,
+    uri: Uri,
+    body: Bytes,
 ) -> Response {
-    respond(record_approval(&engine, &peer.who, &req))
-}
-
-pub fn record_approval(
-    engine: &Engine,
-    who: &str,
-    req: &ApprovalRequest,
-) -> Result<ApprovalRecorded, Refusal> {
-    if !who.starts_with("mtls:") {
-        return Err(ApiError::new(
-            Outcome::Denied,
-            format!(
-                "{who} cannot approve: approvals come from a client certificate with the approver role \
-                 (deploy-controller approve), never over the local socket or SSH"
-            ),
-        )
-        .into());
-    }
-    for (what, v) in [("project", &req.project), ("release", &req.release)] {
-        if v.is_empty() || v.len() > 128 || v.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(ApiError::new(
-                Outcome::ConfigError,
-                format!("{what} {v:?} must be 1-128 printable characters without spaces"),
-            )
-            .into());
-        }
-    }
-    let mut entry = AuditEntry::new(who, APPROVAL_ACTION);
-    entry.project = Some(req.project.clone());
-    entry.release = Some(req.release.clone());
-    entry.outcome = Some(Outcome::Succeeded.as_str().to_string());
-    entry.reason = req.reason.clone();
-    let record = engine.store.append_audit(&entry).map_err(|e| {
-        Refusal::from(ApiError::new(
-            Outcome::EnvironmentError,
-            format!("the approval was not recorded: its audit record could not be written: {e}"),
-        ))
-    })?;
-    tracing::info!(who, project = %req.project, release = %req.release, "release approved");
-    Ok(ApprovalRecorded {
-        who: who.to_string(),
-        project: req.project.clone(),
-        release: req.release.clone(),
-        seq: record.seq,
-        ts: record.ts,
-    })
-}
-
-async fn pull(
-    State(engine): State<Arc<Engine>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    Json(req): Json<PullRequest>,
-) -> Response {
-    match pull::pre_pull(&engine, &req).await {
-        Ok(r) => {
-            tracing::info!(who = %peer.who, project = %req.project, release = %req.release, "pre-pulled {} image(s)", r.digests.len());
-            Json(r).into_response()
-        }
-        Err(e) => {
-            tracing::warn!(who = %peer.who, project = %req.project, release = %req.release, "pre-pull failed: {}", e.message);
-            op_error(e)
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct AuditQuery {
-    project: Option<String>,
-    limit: Option<usize>,
-}
-
-async fn audit(State(engine): State<Arc<Engine>>, Query(q): Query<AuditQuery>) -> Response {
-    let limit = q.limit.unwrap_or(100).min(100_000);
-    match engine.store.audit(q.project.as_deref(), limit) {
-        Ok(records) => Json(records).into_response(),
-        Err(e) => op_error(e.into()),
-    }
-}
-
-#[derive(Deserialize)]
-struct ReleaseQuery {
-    project: Option<String>,
-    release: Option<String>,
-}
-
-async fn release(State(engine): State<Arc<Engine>>, Query(q): Query<ReleaseQuery>) -> Response {
-    respond(release_info(&engine, q.project, q.release))
-}
-
-fn check_request(deployment_id: &str, ttl_ms: Option<u64>) -> Result<Duration, ApiError> {
-    if deployment_id.is_empty()
-        || deployment_id.len() > 128
-        || deployment_id
-            .chars()
-            .any(|c| c.is_control() || c.is_whitespace())
-    {
-        return Err(ApiError::new(
-            Outcome::ConfigError,
-            format!(
-                "deployment_id {deployment_id:?} must be 1-128 printable characters without spaces"
-            ),
-        ));
-    }
-    let ttl = Duration::from_millis(ttl_ms.unwrap_or(60_000));
-    if !(MIN_LEASE..=MAX_LEASE).contains(&ttl) {
-        return Err(ApiError::new(
-            Outcome::ConfigError,
-            format!(
-                "ttl_ms {} is out of range: a lease lasts between {} ms and {} ms",
-                ttl.as_millis(),
-                MIN_LEASE.as_millis(),
-                MAX_LEASE.as_millis()
-            ),
-        ));
-    }
-    Ok(ttl)
-}
-
-fn audit_lock(
-    engine: &Engine,
-    who: &str,
-    action: &str,
-    detail: serde_json::Value,
-) -> Result<(), ApiError> {
-    let mut entry = AuditEntry::new(who, action);
-    entry.detail = detail;
-    engine.store.append_audit(&entry).map(|_| ()).map_err(|e| {
-        ApiError::new(
-            Outcome::EnvironmentError,
-            format!(
-                "the lock request was not completed: its audit record could not be written: {e}"
-            ),
-        )
-    })
-}
-
-fn lease_error(e: LeaseError) -> ApiError {
-    let message = e.to_string();
-    match e {
-        LeaseError::Held(holder) => {
-            let mut a = ApiError::new(
-                Outcome::Locked,
-                format!(
-                    "{message}; wait for that deployment to finish, or retry with --lock-wait DURATION"
-                ),
-            );
-            a.holder = Some(holder);
-            a
-        }
-        LeaseError::NotHolder { current, .. } => {
-            let mut a = ApiError::new(
-                Outcome::Locked,
-                format!(
-                    "{message}; the lock was lost (it expired, and another deployment may have taken it over)"
-                ),
-            );
-            a.holder = current;
-            a
-        }
-        LeaseError::Store(_) => ApiError::new(Outcome::EnvironmentError, message),
-    }
-}
-
-async fn lock_get(State(engine): State<Arc<Engine>>) -> Response {
-    respond(current_lease(&engine))
-}
-
-async fn lock(
-    State(engine): State<Arc<Engine>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    Json(req): Json<LockRequest>,
-) -> Response {
-    respond(take_lease(&engine, &peer.who, &req))
-}
-
-async fn renew(
-    State(engine): State<Arc<Engine>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    Json(req): Json<LockRequest>,
-) -> Response {
-    respond(renew_lease(&engine, &peer.who, &req))
-}
-
-async fn unlock(
-    State(engine): State<Arc<Engine>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    Json(req): Json<UnlockRequest>,
-) -> Response {
-    respond(give_up_lease(&engine, &peer.who, &req))
-}
-
-fn respond<T: serde::Serialize>(r: Result<T, Refusal>) -> Response {
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(r) => (r.status, Json(r.error)).into_response(),
-    }
-}
-
-// --- The lease and release records as functions (issue 5) -----------------
-// The HTTPS API's handlers above and `deploy-agent serve-stdio` (the SSH
-// transport, when no daemon answers) both call these, so a request does
-// the same thing and leaves the same audit records whichever way it came.
-
-/// An error answer and the HTTP status it goes with.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub error: ApiError,
-}
-
-impl From<ApiError> for Refusal {
-    fn from(error: ApiError) -> Refusal {
-        Refusal {
-            status: status_of(error.outcome),
-            error,
-        }
-    }
-}
-
-impl From<OpError> for Refusal {
-    fn from(e: OpError) -> Refusal {
-        ApiError::new(e.outcome, e.message).into()
-    }
-}
-
-/// `GET /v1/lock`: the lease in force, if any.
-pub fn current_lease(engine: &Engine) -> Result<Option<crate::wire::Lease>, Refusal> {
-    let env = environment(&engine.config);
-    engine
-        .store
-        .active_lease(env, jiff::Timestamp::now())
-        .map_err(|e| OpError::from(e).into())
-}
-
-/// `POST /v1/lock`: take (or extend) the environment lease for `who`;
-/// with `hand_over_from`, take it over from that identity within the same
-/// deployment (SSH callers only).
-pub fn take_lease(engine: &Engine, who: &str, req: &LockRequest) -> Result<LockGranted, Refusal> {
-    let ttl = check_request(&req.deployment_id, Some(req.ttl_ms))?;
-    let env = environment(&engine.config).to_string();
-    let now = jiff::Timestamp::now();
-    let result = match &req.hand_over_from {
-        Some(from) => {
-            if !who.starts_with("ssh:") {
-                return Err(ApiError::new(
-                    Outcome::ConfigError,
-                    "hand_over_from is only accepted from a caller over SSH (deploy-agent serve-stdio)",
-                )
-                .into());
-            }
-            engine
-                .store
-                .hand_over_lease(
-                    &env,
-                    &req.deployment_id,
-                    from,
-                    who,
-                    req.purpose.as_deref(),
-                    ttl,
-                    now,
-                )
-                .map(|(a, handed)| (a, handed.then(|| from.clone())))
-        }
-        None => engine
-            .store
-            .acquire_lease(
-                &env,
-                &req.deployment_id,
-                who,
-                req.purpose.as_deref(),
-                ttl,
-                now,
-            )
-            .map(|a| (a, None)),
+    let input = match input(op, &uri, &body) {
+        Ok(v) => v,
+        Err(e) => return error_response(e),
     };
-    match result {
-        Ok((a, handed_from)) => {
-            if let Some(from) = handed_from {
-                let detail = serde_json::json!({
-                    "environment": env,
-                    "deployment_id": req.deployment_id,
-                    "purpose": req.purpose,
-                    "expires_at": a.lease.expires_at,
-                    "from": from,
-                });
-                audit_lock(engine, who, "lock.handed_over", detail)?;
-                tracing::warn!(who = %who, deployment = %req.deployment_id, "lock.handed_over for environment {env} from {from}");
-            } else if !a.extended {
-                let action = if a.took_over.is_some() {
-                    "lock.taken_over"
-                } else {
-                    "lock.acquired"
-                };
-                let detail = serde_json::json!({
-                    "environment": env,
-                    "deployment_id": req.deployment_id,
-                    "purpose": req.purpose,
-                    "expires_at": a.lease.expires_at,
-                    "previous_holder": a.took_over,
-                });
-                audit_lock(engine, who, action, detail)?;
-                tracing::info!(who = %who, deployment = %req.deployment_id, "{action} for environment {env}");
-            }
-            Ok(LockGranted {
-                lease: a.lease,
-                took_over: a.took_over,
-            })
-        }
-        Err(e) => {
-            let api = lease_error(e);
-            if let Some(h) = &api.holder {
-                let detail = serde_json::json!({
-                    "environment": env,
-                    "deployment_id": req.deployment_id,
-                    "holder": h,
-                });
-                audit_lock(engine, who, "lock.refused", detail)?;
-            }
-            Err(api.into())
-        }
+    match api.dispatch(op, &peer.caller, input).await {
+        Ok(answer) => answer_response(op, answer),
+        Err(e) => error_response(e),
     }
 }
 
-/// `POST /v1/lock/renew`.
-pub fn renew_lease(
-    engine: &Engine,
-    who: &str,
-    req: &LockRequest,
-) -> Result<crate::wire::Lease, Refusal> {
-    let ttl = check_request(&req.deployment_id, Some(req.ttl_ms))?;
-    let env = environment(&engine.config);
-    engine
-        .store
-        .renew_lease(env, &req.deployment_id, who, ttl, jiff::Timestamp::now())
-        .map_err(|e| lease_error(e).into())
-}
-
-/// `DELETE /v1/lock`.
-pub fn give_up_lease(
-    engine: &Engine,
-    who: &str,
-    req: &UnlockRequest,
-) -> Result<Option<crate::wire::Lease>, Refusal> {
-    check_request(&req.deployment_id, None)?;
-    let env = environment(&engine.config).to_string();
-    let released = engine
-        .store
-        .release_lease(&env, &req.deployment_id, who)
-        .map_err(lease_error)?;
-    if released.is_some() {
-        let detail = serde_json::json!({
-            "environment": env,
-            "deployment_id": req.deployment_id,
-        });
-        audit_lock(engine, who, "lock.released", detail)?;
+/// The router of the operation table.
+pub fn router(api: Arc<Api>) -> Router {
+    let mut router = Router::new();
+    for spec in OPERATIONS {
+        let filter = match spec.method {
+            Method::Get => MethodFilter::GET,
+            Method::Post => MethodFilter::POST,
+            Method::Delete => MethodFilter::DELETE,
+        };
+        router = router.route(
+            spec.path,
+            on(filter, handle).with_state((api.clone(), spec.op)),
+        );
     }
-    Ok(released)
-}
-
-/// `GET /v1/release?project=&release=`: 404 when this host never ran it.
-pub fn release_info(
-    engine: &Engine,
-    project: Option<String>,
-    release: Option<String>,
-) -> Result<ReleaseInfo, Refusal> {
-    let (Some(project), Some(release)) = (project, release) else {
-        return Err(ApiError::new(
-            Outcome::ConfigError,
-            "GET /v1/release needs ?project=P&release=R",
-        )
-        .into());
-    };
-    let Some(record) = engine
-        .store
-        .release(&project, &release)
-        .map_err(OpError::from)?
-    else {
-        return Err(Refusal {
-            status: StatusCode::NOT_FOUND,
-            error: ApiError::new(
-                Outcome::ConfigError,
-                format!(
-                    "release {release} of project {project} was never deployed on this host (or its record was pruned)"
-                ),
-            ),
-        });
-    };
-    let serving = engine
-        .store
-        .serving(&project)
-        .map_err(OpError::from)?
-        .and_then(|s| s.current)
-        .as_deref()
-        == Some(release.as_str());
-    Ok(ReleaseInfo {
-        host: hostname(),
-        project,
-        release,
-        state: record.state.as_str().to_string(),
-        created_at: record.created_at,
-        digests: record.digests,
-        serving,
-    })
-}
-
-// --- end issue 5 -----------------------------------------------------------
-
-/// The host name this agent reports.
-pub fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
+    router.layer(DefaultBodyLimit::max(MAX_REQUEST))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DEFAULT_ENVIRONMENT;
-
-    fn cfg(text: &str) -> Result<AgentConfig, String> {
-        AgentConfig::parse(std::path::Path::new("agent.toml"), text).map_err(|e| e.to_string())
-    }
-
-    const TLS: &str = "api_listen = \"0.0.0.0:7443\"\ntls_cert = \"a.pem\"\ntls_key = \"a-key.pem\"\ntls_ca = \"ca.pem\"\n";
-
-    #[test]
-    fn the_tls_api_needs_certificates_an_environment_and_grants() {
-        let ok = cfg(&format!(
-            "{TLS}environment = \"production\"\n[grants]\n\"ci-production\" = \"deployer\"\ndashboard = \"reader\"\n"
-        ))
-        .unwrap();
-        assert_eq!(ok.api_listen, Some("0.0.0.0:7443".parse().unwrap()));
-        assert_eq!(ok.grants["dashboard"], crate::wire::Role::Reader);
-        assert_eq!(environment(&ok), "production");
-        // No TLS API: nothing else is required.
-        assert_eq!(environment(&cfg("").unwrap()), DEFAULT_ENVIRONMENT);
-
-        let e =
-            cfg("api_listen = \"0.0.0.0:7443\"\nenvironment = \"p\"\ngrants = { x = \"reader\" }")
-                .unwrap_err();
-        assert!(e.contains("tls_cert, tls_key, tls_ca"), "{e}");
-        let e = cfg(&format!("{TLS}grants = {{ x = \"reader\" }}")).unwrap_err();
-        assert!(e.contains("environment"), "{e}");
-        let e = cfg(&format!("{TLS}environment = \"p\"")).unwrap_err();
-        assert!(e.contains("[grants]"), "{e}");
-        let e = cfg(&format!(
-            "{TLS}environment = \"p\"\ngrants = {{ x = \"admin\" }}"
-        ))
-        .unwrap_err();
-        assert!(e.contains("admin"), "{e}");
-        let e = cfg("environment = \"prod env\"").unwrap_err();
-        assert!(e.contains("environment"), "{e}");
-        let e = cfg("grants = { \"mtls:x\" = \"reader\" }").unwrap_err();
-        assert!(e.contains("CN"), "{e}");
-        let e = cfg("api_listen = \"nowhere\"").unwrap_err();
-        assert!(e.contains("api_listen"), "{e}");
-    }
-
-    #[test]
-    fn only_the_lease_holder_deploys_while_it_holds_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state.db")).unwrap();
-        let config = cfg("environment = \"production\"").unwrap();
-        assert!(check_lease(&store, &config, None, "unix:root").is_ok());
-        store
-            .acquire_lease(
-                "production",
-                "d1",
-                "mtls:ci",
-                Some("deploy of v2"),
-                Duration::from_secs(60),
-                jiff::Timestamp::now(),
-            )
-            .unwrap();
-        assert!(check_lease(&store, &config, Some("d1"), "mtls:ci").is_ok());
-        for (id, who) in [
-            (None, "unix:root"),
-            (Some("d2"), "mtls:ci"),
-            (Some("d1"), "mtls:other"),
-        ] {
-            let e = check_lease(&store, &config, id, who).unwrap_err();
-            assert_eq!(e.outcome, Outcome::Locked);
-            assert!(
-                e.message.contains("deployment d1 (mtls:ci, deploy of v2)"),
-                "{}",
-                e.message
-            );
-        }
-        // Another environment's lease does not matter here.
-        let staging = cfg("environment = \"staging\"").unwrap();
-        assert!(check_lease(&store, &staging, None, "unix:root").is_ok());
-    }
 
     #[test]
     fn error_statuses() {
-        assert_eq!(status_of(Outcome::Denied), StatusCode::FORBIDDEN);
-        assert_eq!(status_of(Outcome::Locked), StatusCode::CONFLICT);
-        assert_eq!(status_of(Outcome::ConfigError), StatusCode::BAD_REQUEST);
-        assert_eq!(status_of(Outcome::RegistryError), StatusCode::BAD_GATEWAY);
+        let st = |o| status_of(&OpError::new(o, "x"));
+        assert_eq!(st(Outcome::Denied), StatusCode::FORBIDDEN);
+        assert_eq!(st(Outcome::Locked), StatusCode::CONFLICT);
+        assert_eq!(st(Outcome::ConfigError), StatusCode::BAD_REQUEST);
+        assert_eq!(st(Outcome::RegistryError), StatusCode::BAD_GATEWAY);
         assert_eq!(
-            status_of(Outcome::EnvironmentError),
+            st(Outcome::EnvironmentError),
             StatusCode::SERVICE_UNAVAILABLE
         );
+        assert_eq!(status_of(&OpError::not_found("x")), StatusCode::NOT_FOUND);
     }
 }

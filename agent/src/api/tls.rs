@@ -7,8 +7,8 @@
 //! refusal is logged with the peer address. After the handshake, every
 //! request is authorized by the certificate's identity (CN) and the role
 //! agent.toml grants it here; the router sees the caller as
-//! `Peer { who: "mtls:<CN>" }` (an axum `ConnectInfo<Peer>`, exactly like
-//! the unix socket's), so the engine and the audit log name the certificate.
+//! `Caller::Mtls` (an axum `ConnectInfo<Peer>`, exactly like the unix
+//! socket's), so the engine and the audit log name the certificate.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,10 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::Router;
 use axum::extract::connect_info::ConnectInfo;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use http::{Method, Request};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -34,11 +33,12 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+use super::Peer;
 use super::authz;
 use crate::config::AgentConfig;
-use crate::daemon::Peer;
 use crate::store::{AuditEntry, Store};
 use crate::wire::{ApiError, Denial, Outcome, Role};
+use deploy_protocol::Caller;
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -241,7 +241,7 @@ async fn serve_connection(
         return;
     };
     let peer = Peer {
-        who: format!("mtls:{identity}"),
+        caller: Caller::mtls(identity.clone()),
     };
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let app = app.clone();
@@ -296,5 +296,5 @@ fn deny(
         ));
     }
     api.denied = Some(Box::new(denial));
-    (super::status_of(Outcome::Denied), Json(api)).into_response()
+    super::api_error_response(http::StatusCode::FORBIDDEN, &api)
 }

@@ -7,7 +7,9 @@
 //! request does the same thing whichever way it arrives.
 
 mod hooks;
+pub mod lease;
 mod probe;
+pub mod pull;
 mod reconcile;
 mod steps;
 mod watch;
@@ -28,7 +30,8 @@ use crate::rollout::{Decision, Ending, FailureKind, Observation, Plan, Rollout, 
 use crate::spec::ProjectSpec;
 use crate::store::{AuditEntry, NewOperation, ReleaseRecord, ReleaseState, Store};
 use crate::wire::{
-    DeployRequest, Event, OperationKind, OperationResult, Outcome, Progress, RollbackRequest,
+    ApiError, Caller, DeployRequest, Event, Lease, OperationKind, OperationResult, Outcome,
+    Progress, RollbackRequest,
 };
 
 /// Where progress goes: the CLI prints it, the daemon streams it.
@@ -39,6 +42,10 @@ pub type Events = UnboundedSender<Event>;
 pub struct OpError {
     pub outcome: Outcome,
     pub message: String,
+    /// `Locked` by an environment lease: who holds it.
+    pub holder: Option<Box<Lease>>,
+    /// What was asked for does not exist here (a release never deployed).
+    pub not_found: bool,
 }
 
 impl OpError {
@@ -46,6 +53,32 @@ impl OpError {
         OpError {
             outcome,
             message: message.into(),
+            holder: None,
+            not_found: false,
+        }
+    }
+
+    /// A request about something this host does not have.
+    pub fn not_found(message: impl Into<String>) -> OpError {
+        OpError {
+            not_found: true,
+            ..OpError::new(Outcome::ConfigError, message)
+        }
+    }
+
+    /// Names the lease that refused it.
+    pub fn held_by(mut self, holder: Option<Box<Lease>>) -> OpError {
+        self.holder = holder;
+        self
+    }
+
+    /// The error as the API answers it.
+    pub fn into_api(self) -> ApiError {
+        ApiError {
+            outcome: self.outcome,
+            message: self.message,
+            holder: self.holder,
+            denied: None,
         }
     }
 }
@@ -142,8 +175,14 @@ impl Engine {
 
     // ----- deploy ---------------------------------------------------------
 
-    pub async fn deploy(&self, req: &DeployRequest, who: &str, ev: &Events) -> OperationResult {
+    pub async fn deploy(
+        &self,
+        req: &DeployRequest,
+        caller: &Caller,
+        ev: &Events,
+    ) -> OperationResult {
         let started = Instant::now();
+        let who = &caller.to_string();
         match self.deploy_inner(req, who, ev, started).await {
             Ok(result) => result,
             Err(e) => self.refused(
@@ -183,7 +222,7 @@ impl Engine {
             )
             .await?;
         // issue 4: while a fleet deployment holds the environment lease, only it deploys.
-        crate::api::check_lease(&self.store, &self.config, req.deployment_id.as_deref(), who)?;
+        lease::check_lease(&self.store, &self.config, req.deployment_id.as_deref(), who)?;
         self.recover_project(&req.project, ev).await?;
 
         let serving = self.store.serving(&req.project)?;
@@ -240,7 +279,7 @@ impl Engine {
                 );
                 // issue 4: a pinned digest (promotion) is pulled as is, never re-resolved.
                 let pinned_ref = req.pinned.get(&svc.name);
-                let pulled = crate::api::pull::pull_service(
+                let pulled = pull::pull_service(
                     &self.docker,
                     &self.config,
                     &svc.name,
@@ -308,8 +347,14 @@ impl Engine {
 
     // ----- rollback -------------------------------------------------------
 
-    pub async fn rollback(&self, req: &RollbackRequest, who: &str, ev: &Events) -> OperationResult {
+    pub async fn rollback(
+        &self,
+        req: &RollbackRequest,
+        caller: &Caller,
+        ev: &Events,
+    ) -> OperationResult {
         let started = Instant::now();
+        let who = &caller.to_string();
         match self.rollback_inner(req, who, ev, started).await {
             Ok(result) => result,
             Err(e) => self.refused(
@@ -338,7 +383,7 @@ impl Engine {
             .lock(&req.project, &what, who, req.lock_wait_ms)
             .await?;
         // issue 4: while a fleet deployment holds the environment lease, only it rolls back.
-        crate::api::check_lease(&self.store, &self.config, req.deployment_id.as_deref(), who)?;
+        lease::check_lease(&self.store, &self.config, req.deployment_id.as_deref(), who)?;
         self.recover_project(&req.project, ev).await?;
         let serving = self.store.serving(&req.project)?.unwrap_or_default();
         let Some(current) = serving.current.clone() else {

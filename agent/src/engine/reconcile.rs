@@ -17,7 +17,7 @@ use crate::wire::{
 };
 
 /// Who the agent acts as when it repairs on its own.
-pub const RECONCILER: &str = "deploy-agent (reconciliation)";
+pub use deploy_protocol::caller::RECONCILER;
 
 impl Engine {
     /// Finish every unfinished operation of `project`. The caller holds its
@@ -378,4 +378,3 @@ impl Engine {
         })
     }
 }
-

@@ -30,10 +30,10 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
-pub use deploy_protocol::audit::{AuditRecord, GENESIS_HASH, canonical_json};
-use deploy_protocol::audit::{Hashed, chain_hash};
 #[cfg(test)]
 use deploy_protocol::audit::hashed_payload;
+pub use deploy_protocol::audit::{AuditRecord, GENESIS_HASH, canonical_json};
+use deploy_protocol::audit::{Hashed, chain_hash};
 
 use super::{Store, StoreError, clamp_limit, conversion_error, opt_u64, timestamp_now};
 
@@ -65,7 +65,6 @@ impl AuditEntry {
         }
     }
 }
-
 
 /// The result of checking the chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,13 +1,13 @@
-//! Pulling a release's images: the controller's pre-pull (`POST /v1/pull`)
+//! Pulling a release's images: the controller's pre-pull (the `pull` operation)
 //! and the engine's deploy share [`pull_service`], so that what was
 //! pre-pulled is exactly what is deployed.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use super::{Engine, OpError};
 use crate::config::AgentConfig;
 use crate::docker::{DockerClient, PulledImage, split_reference};
-use crate::engine::{Engine, OpError};
 use crate::wire::{Outcome, PullRequest, PullResult};
 
 /// Pulls the image of service `service`: `image` as the compose file names
@@ -107,7 +107,7 @@ pub async fn pre_pull(engine: &Engine, req: &PullRequest) -> Result<PullResult, 
     }
     let serving = engine.store.serving(&req.project)?.and_then(|s| s.current);
     Ok(PullResult {
-        host: super::hostname(),
+        host: crate::config::hostname(),
         project: req.project.clone(),
         release: req.release.clone(),
         digests,
