@@ -11,6 +11,7 @@
 //! those fail the gate at once, as do as many failures of any kind once the
 //! container has been healthy (it is flapping).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::spec::{HealthSettings, Probe};
@@ -116,6 +117,55 @@ impl HealthGate {
             ));
         }
         Verdict::Pending
+    }
+}
+
+// --- Counters for the metrics ---------------------------------------------
+
+pub const PROBE_KINDS: [&str; 5] = ["http", "tcp", "exec", "docker", "running"];
+pub const PROBE_RESULTS: [&str; 3] = ["success", "failure", "container_down"];
+
+/// Probe results of this process, by probe kind and result. Lock-free: the
+/// health gate records every probe.
+pub static PROBES: ProbeCounters = ProbeCounters::new();
+
+pub struct ProbeCounters {
+    counts: [[AtomicU64; PROBE_RESULTS.len()]; PROBE_KINDS.len()],
+}
+
+impl Default for ProbeCounters {
+    fn default() -> Self {
+        ProbeCounters::new()
+    }
+}
+
+impl ProbeCounters {
+    pub const fn new() -> ProbeCounters {
+        ProbeCounters {
+            counts: [const { [const { AtomicU64::new(0) }; PROBE_RESULTS.len()] };
+                PROBE_KINDS.len()],
+        }
+    }
+
+    /// Counts one probe of `probe` that gave `result`.
+    pub fn record(&self, probe: &Probe, result: &ProbeResult) {
+        let kind = match probe {
+            Probe::Http { .. } => 0,
+            Probe::Tcp { .. } => 1,
+            Probe::Exec { .. } => 2,
+            Probe::Docker => 3,
+            Probe::Running { .. } => 4,
+        };
+        let outcome = match result {
+            ProbeResult::Success => 0,
+            ProbeResult::Failure(_) | ProbeResult::Unhealthy(_) => 1,
+            ProbeResult::ContainerDown(_) => 2,
+        };
+        self.counts[kind][outcome].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, kind: usize, result: usize) -> u64 {
+        self.counts[kind][result].load(Ordering::Relaxed)
     }
 }
 

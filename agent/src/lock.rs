@@ -12,7 +12,12 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use deploy_protocol::caller::RECONCILER;
 use serde::{Deserialize, Serialize};
+
+/// How long an operation waits for a reconciliation pass holding its
+/// project's lock, whatever its own `--lock-wait`.
+pub const RECONCILIATION_WAIT: Duration = Duration::from_secs(120);
 
 /// Who holds a `HostLock`, as written in the lock file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,26 +66,66 @@ pub struct HostLock {
 }
 
 impl HostLock {
-    /// Take the lock for `project`, waiting up to `wait` (none: fail at once).
+    /// Take the lock for `project`, waiting up to `wait` (none: fail at
+    /// once). A reconciliation pass holding it is always waited for, up to
+    /// [`RECONCILIATION_WAIT`]: the agent repairing drift must not turn a
+    /// deploy away.
     pub async fn acquire(
         state_dir: &Path,
         project: &str,
         owner: &LockOwner,
         wait: Option<Duration>,
     ) -> Result<HostLock, LockError> {
-        let deadline = Instant::now() + wait.unwrap_or_default();
+        let started = Instant::now();
+        let deadline = started + wait.unwrap_or_default();
+        let mut said = false;
         loop {
-            match Self::try_acquire(state_dir, project, owner)? {
-                Some(lock) => return Ok(lock),
-                None if Instant::now() >= deadline => {
+            if let Some(lock) = Self::try_acquire(state_dir, project, owner)? {
+                return Ok(lock);
+            }
+            if Instant::now() >= deadline {
+                let holder = Self::holder_named(state_dir, project).await;
+                let reconciling = holder.as_ref().is_some_and(|h| h.user == RECONCILER);
+                if !(reconciling && started.elapsed() < RECONCILIATION_WAIT) {
                     return Err(LockError::Held {
                         project: project.to_string(),
-                        holder: Self::holder(state_dir, project),
+                        holder,
                     });
                 }
-                None => tokio::time::sleep(Duration::from_millis(100)).await,
+                if !said {
+                    said = true;
+                    tracing::info!(
+                        project,
+                        "waiting for the agent's reconciliation pass to finish (at most {}s)",
+                        RECONCILIATION_WAIT.as_secs()
+                    );
+                }
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Who holds the lock, read until the holder has written its name: it
+    /// writes it right after taking the lock, so a reader racing it may
+    /// find the file empty for a moment.
+    async fn holder_named(state_dir: &Path, project: &str) -> Option<LockOwner> {
+        for _ in 0..50 {
+            if let Some(h) = Self::holder(state_dir, project) {
+                return Some(h);
+            }
+            if !Self::is_held(state_dir, project) {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self::holder(state_dir, project)
+    }
+
+    /// Whether anyone holds the lock now.
+    fn is_held(state_dir: &Path, project: &str) -> bool {
+        File::open(lock_path(state_dir, project))
+            .map(|f| f.try_lock_shared().is_err())
+            .unwrap_or(false)
     }
 
     /// Take the lock if it is free; `Ok(None)` when someone holds it.
@@ -162,6 +207,35 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("deploy of v2"), "{msg}");
         assert!(msg.contains("--lock-wait"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn a_reconciliation_pass_is_waited_for_not_a_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let pass = LockOwner {
+            user: RECONCILER.into(),
+            ..owner("reconciliation")
+        };
+        let held = HostLock::acquire(dir.path(), "web", &pass, None)
+            .await
+            .unwrap();
+        let path = dir.path().to_path_buf();
+        // No --lock-wait at all: a CI deploy arriving during a repair.
+        let deploy = tokio::spawn(async move {
+            HostLock::acquire(&path, "web", &owner("deploy of v2"), None).await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !deploy.is_finished(),
+            "the deploy gave up on a reconciliation pass"
+        );
+        drop(held);
+        let got = deploy.await.unwrap().unwrap();
+        assert_eq!(
+            HostLock::holder(dir.path(), "web").map(|o| o.operation),
+            Some("deploy of v2".to_string())
+        );
+        drop(got);
     }
 
     #[tokio::test]

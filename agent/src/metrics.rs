@@ -11,19 +11,19 @@
 //!   restart or an upgrade of the agent does not reset the counters (the
 //!   store holds every operation; refusals are read from the append-only
 //!   audit log, incrementally);
-//! - probe results: counters in this process ([`PROBES`]), since the daemon
+//! - probe results: counters in this process ([`crate::health::PROBES`]), since the daemon
 //!   started (operations that the CLI runs in its own process, when no daemon
 //!   answers, are not counted here);
 //! - proxy responses by release and status class: the proxy's own counters
 //!   (`ProxyClient::status`), which count since its route was created;
 //! - webhook notifications sent and failed: counters in this process
-//!   ([`NOTIFICATIONS`]), like the probes;
+//!   ([`crate::notify::NOTIFICATIONS`]), like the probes;
 //! - the reconciliation loop and operations in progress: the daemon's
 //!   [`StatusBoard`].
 
 use std::collections::BTreeMap;
 use std::fmt::{Display, Write as _};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,9 +34,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::engine::Engine;
-use crate::health::ProbeResult;
 use crate::service::StatusBoard;
-use crate::spec::Probe;
 
 /// `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -53,83 +51,6 @@ const DURATION_BOUNDS_MS: [u64; 12] = [
 
 /// How long a scrape waits for the proxy's counters before reporting it down.
 const PROXY_TIMEOUT: Duration = Duration::from_secs(2);
-
-const PROBE_KINDS: [&str; 5] = ["http", "tcp", "exec", "docker", "running"];
-const PROBE_RESULTS: [&str; 3] = ["success", "failure", "container_down"];
-
-/// Probe results of this process, by probe kind and result. Lock-free: the
-/// health gate records every probe.
-pub static PROBES: ProbeCounters = ProbeCounters::new();
-
-pub struct ProbeCounters {
-    counts: [[AtomicU64; PROBE_RESULTS.len()]; PROBE_KINDS.len()],
-}
-
-impl Default for ProbeCounters {
-    fn default() -> Self {
-        ProbeCounters::new()
-    }
-}
-
-impl ProbeCounters {
-    pub const fn new() -> ProbeCounters {
-        ProbeCounters {
-            counts: [const { [const { AtomicU64::new(0) }; PROBE_RESULTS.len()] };
-                PROBE_KINDS.len()],
-        }
-    }
-
-    /// Counts one probe of `probe` that gave `result`.
-    pub fn record(&self, probe: &Probe, result: &ProbeResult) {
-        let kind = match probe {
-            Probe::Http { .. } => 0,
-            Probe::Tcp { .. } => 1,
-            Probe::Exec { .. } => 2,
-            Probe::Docker => 3,
-            Probe::Running { .. } => 4,
-        };
-        let outcome = match result {
-            ProbeResult::Success => 0,
-            ProbeResult::Failure(_) | ProbeResult::Unhealthy(_) => 1,
-            ProbeResult::ContainerDown(_) => 2,
-        };
-        self.counts[kind][outcome].fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn get(&self, kind: usize, result: usize) -> u64 {
-        self.counts[kind][result].load(Ordering::Relaxed)
-    }
-}
-
-/// Webhook notifications of this process (`crate::notify`), by whether the
-/// receiver took them (`sent`) or every attempt failed (`failed`).
-pub static NOTIFICATIONS: NotificationCounters = NotificationCounters::new();
-
-pub struct NotificationCounters {
-    sent: AtomicU64,
-    failed: AtomicU64,
-}
-
-impl Default for NotificationCounters {
-    fn default() -> Self {
-        NotificationCounters::new()
-    }
-}
-
-impl NotificationCounters {
-    pub const fn new() -> NotificationCounters {
-        NotificationCounters {
-            sent: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-        }
-    }
-
-    /// Counts one notification, delivered or given up.
-    pub fn record(&self, sent: bool) {
-        let c = if sent { &self.sent } else { &self.failed };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// (project, kind, outcome) → count.
 type Counts = BTreeMap<(String, String, String), u64>;
@@ -492,12 +413,12 @@ fn probe_metrics(t: &mut Text) {
         "counter",
         "Health probes by probe kind and result, since the daemon started.",
     );
-    for (k, kind) in PROBE_KINDS.iter().enumerate() {
-        for (r, result) in PROBE_RESULTS.iter().enumerate() {
+    for (k, kind) in crate::health::PROBE_KINDS.iter().enumerate() {
+        for (r, result) in crate::health::PROBE_RESULTS.iter().enumerate() {
             t.sample(
                 name,
                 &[("probe", kind), ("result", result)],
-                PROBES.get(k, r),
+                crate::health::PROBES.get(k, r),
             );
         }
     }
@@ -511,8 +432,8 @@ fn notification_metrics(t: &mut Text) {
         "Webhook notifications ([notify] in agent.toml) by outcome: sent (the receiver answered 2xx) or failed (every attempt failed, or dropped), since the daemon started.",
     );
     for (outcome, c) in [
-        ("sent", &NOTIFICATIONS.sent),
-        ("failed", &NOTIFICATIONS.failed),
+        ("sent", &crate::notify::NOTIFICATIONS.sent),
+        ("failed", &crate::notify::NOTIFICATIONS.failed),
     ] {
         t.sample(name, &[("outcome", outcome)], c.load(Ordering::Relaxed));
     }
@@ -577,6 +498,8 @@ fn escape_help(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::{ProbeCounters, ProbeResult};
+    use crate::spec::Probe;
 
     #[test]
     fn text_format_escapes_labels() {

@@ -14,7 +14,7 @@
 //! and ignores the rest; other receivers read the structured fields.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -148,11 +148,11 @@ impl Notifier {
         if !inner.events.contains(&n.event) {
             return;
         }
-        let body = payload(&n, &inner.origin, &crate::engine::now());
+        let body = payload(&n, &inner.origin, &deploy_protocol::timestamp::now());
         inner.pending.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = inner.queue.try_send(body) {
             inner.settle();
-            crate::metrics::NOTIFICATIONS.record(false);
+            NOTIFICATIONS.record(false);
             tracing::warn!(
                 event = n.event.as_str(),
                 project = n.project.as_str(),
@@ -213,7 +213,7 @@ async fn deliver_all(
 ) {
     while let Some(body) = rx.recv().await {
         let sent = delivery.post(&body).await;
-        crate::metrics::NOTIFICATIONS.record(sent);
+        NOTIFICATIONS.record(sent);
         match inner.upgrade() {
             Some(inner) => inner.settle(),
             None => return,
@@ -355,6 +355,36 @@ fn slack_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+/// Webhook notifications of this process by whether the
+/// receiver took them (`sent`) or every attempt failed (`failed`).
+pub static NOTIFICATIONS: NotificationCounters = NotificationCounters::new();
+
+pub struct NotificationCounters {
+    pub sent: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl Default for NotificationCounters {
+    fn default() -> Self {
+        NotificationCounters::new()
+    }
+}
+
+impl NotificationCounters {
+    pub const fn new() -> NotificationCounters {
+        NotificationCounters {
+            sent: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one notification, delivered or given up.
+    pub fn record(&self, sent: bool) {
+        let c = if sent { &self.sent } else { &self.failed };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]

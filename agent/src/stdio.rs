@@ -40,8 +40,8 @@ use crate::api::{MAX_REQUEST, process_user, typed};
 use crate::engine::OpError;
 use crate::local::{Local, Reply};
 use crate::wire::{
-    DeployRequest, Event, LockRequest, Outcome, PullRequest, RollbackRequest, ServedBy, SshCaller,
-    StdioCaller, StdioHello, StdioLine, StdioRequest, UnlockRequest, exit,
+    DeployRequest, Event, GiveUpLeaseRequest, LeaseRequest, Outcome, PullRequest, RollbackRequest,
+    ServedBy, SshCaller, StdioCaller, StdioHello, StdioLine, StdioRequest, exit,
 };
 
 /// `(key type, SHA256:fingerprint)` of the first public key in the text of
@@ -190,10 +190,12 @@ fn check(req: &StdioRequest) -> Result<serde_json::Value, OpError> {
             Op::Deploy => normalized(serde_json::to_value(typed::<DeployRequest>(op, input)?)),
             Op::Rollback => normalized(serde_json::to_value(typed::<RollbackRequest>(op, input)?)),
             Op::Pull => normalized(serde_json::to_value(typed::<PullRequest>(op, input)?)),
-            Op::Lock | Op::Renew => {
-                normalized(serde_json::to_value(typed::<LockRequest>(op, input)?))
+            Op::TakeLease | Op::RenewLease => {
+                normalized(serde_json::to_value(typed::<LeaseRequest>(op, input)?))
             }
-            Op::Unlock => normalized(serde_json::to_value(typed::<UnlockRequest>(op, input)?)),
+            Op::GiveUpLease => normalized(serde_json::to_value(typed::<GiveUpLeaseRequest>(
+                op, input,
+            )?)),
             _ => Ok(input),
         },
     }

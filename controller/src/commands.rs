@@ -22,7 +22,7 @@ fn setup(
         eprintln!("error: {e}");
         exit::CONFIG
     })?;
-    // issue 5: a host reached over SSH is said so on stderr.
+    // a host reached over SSH is said so on stderr.
     let notice: Notice = std::sync::Arc::new(|m: &str| eprintln!("warning: {m}"));
     let clients = client::clients(env, env.tls.as_ref(), transport, notice).map_err(|e| {
         eprintln!("error: {e}");
@@ -52,7 +52,7 @@ pub struct StatusRow {
     pub last_outcome: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// How the host was reached (issue 5): over its agent's HTTPS API, or
+    /// How the host was reached: over its agent's HTTPS API, or
     /// over SSH because the agent could not be reached (and then whether
     /// its daemon runs: `served_by` `daemon` or `in_process`).
     pub via: RouteReport,

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use deploy_protocol::caller::Transport;
 use deploy_protocol::{
-    APPROVAL_ACTION, DeployRequest, OperationKind, OperationResult, Outcome, PullRequest,
-    RollbackRequest,
+    APPROVAL_ACTION, DeployRequest, FleetOutcome, OperationKind, OperationResult, Outcome,
+    PullRequest, RollbackRequest,
 };
 use futures_util::future::join_all;
 use serde::Serialize;
@@ -42,9 +42,10 @@ pub struct DeployOptions {
     pub file: Option<PathBuf>,
     pub promote_from: Option<String>,
     pub no_promote: bool,
-    pub lock_wait: Option<Duration>,
+    /// `--lease-wait`: how long to wait for another deployment's lease.
+    pub lease_wait: Option<Duration>,
     pub reason: Option<String>,
-    /// `--transport`, `--accept-new-host-keys` (issue 5).
+    /// `--transport`, `--accept-new-host-keys`.
     pub transport: TransportOptions,
     /// `--override REASON`: deploy even if the safety gates deny it.
     pub override_reason: Option<String>,
@@ -60,11 +61,11 @@ pub struct HostLine {
     /// What it serves at the end (`unknown` when its agent could not tell).
     pub after: String,
     pub result: String,
-    /// How it was reached: `agent` (HTTPS, mutual TLS) or `ssh` (issue 5).
+    /// How it was reached: `agent` (HTTPS, mutual TLS) or `ssh`.
     pub via: String,
 }
 
-/// The clients of `env`'s hosts; route warnings go to `out` (issue 5).
+/// The clients of `env`'s hosts; route warnings go to `out`.
 fn make_clients(
     env: &Environment,
     transport: &TransportOptions,
@@ -84,8 +85,7 @@ pub struct Summary {
     pub project: String,
     pub release: String,
     pub deployment_id: String,
-    /// `succeeded`, `rolled_back`, `mixed`, or `refused` (nothing changed).
-    pub outcome: String,
+    pub outcome: FleetOutcome,
     pub exit_code: i32,
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -99,15 +99,15 @@ pub struct Summary {
 
 impl Summary {
     fn markdown(&self) -> String {
-        let icon = match self.outcome.as_str() {
-            "succeeded" => "✅",
-            "rolled_back" => "↩️",
-            _ => "❌",
+        let icon = match self.outcome {
+            FleetOutcome::Succeeded => "✅",
+            FleetOutcome::RolledBack => "↩️",
+            FleetOutcome::Mixed | FleetOutcome::Refused => "❌",
         };
         let mut md = format!(
             "### {icon} {}: {}\n\n{}\n\n",
             self.what(),
-            self.outcome.replace('_', " "),
+            self.outcome.as_str().replace('_', " "),
             md_cell(&self.message)
         );
         if !self.hosts.is_empty() {
@@ -158,7 +158,7 @@ impl Summary {
         let mut s = format!(
             "{}: {} (exit {}) — {}",
             self.what(),
-            self.outcome.replace('_', " "),
+            self.outcome.as_str().replace('_', " "),
             self.exit_code,
             self.message
         );
@@ -230,7 +230,7 @@ impl Ctx<'_> {
             project: self.env.project.clone(),
             release: release.to_string(),
             deployment_id: self.deployment_id.clone(),
-            outcome: "refused".into(),
+            outcome: FleetOutcome::Refused,
             exit_code: code,
             message,
             failed_host: None,
@@ -248,6 +248,92 @@ impl Ctx<'_> {
         if let Err(e) = step_summary(&summary.markdown()) {
             self.out.warn(&e);
         }
+    }
+
+    /// Prints the summary (an error line first when it failed) and keeps it
+    /// for CI; returns its exit code.
+    fn conclude(&self, summary: Summary) -> i32 {
+        if summary.exit_code != exit::SUCCESS {
+            self.out.error(&summary.message);
+        }
+        self.finish(&summary);
+        summary.exit_code
+    }
+
+    /// The environment lease on every host, renewed while the command runs.
+    async fn take_lease(
+        &self,
+        command: &'static str,
+        target: &str,
+        purpose: &str,
+        wait: Option<Duration>,
+    ) -> Result<FleetLease, Refused> {
+        let env = self.env;
+        let mut lease = FleetLease::acquire(
+            &self.clients,
+            &self.deployment_id,
+            env.lock_ttl,
+            purpose,
+            wait,
+            &self.out,
+        )
+        .await
+        .map_err(|f| {
+            self.refuse(
+                command,
+                target,
+                f.exit_code(),
+                format!(
+                    "cannot take the environment lock of {}: {}",
+                    env.name,
+                    f.message()
+                ),
+            )
+        })?;
+        lease.start_renewal(env.lock_ttl, self.out.clone());
+        self.out.phase(&format!(
+            "environment lock of {} taken (lease {:?}, renewed while this runs)",
+            env.name, env.lock_ttl
+        ));
+        Ok(lease)
+    }
+
+    /// Rolls the hosts of `set` back, each to its release, at once.
+    async fn roll_back(
+        &self,
+        set: &[(usize, String)],
+        names: &[String],
+        why: &str,
+    ) -> Vec<Observation> {
+        let list: Vec<String> = set
+            .iter()
+            .map(|(h, to)| format!("{} -> {to}", names[*h]))
+            .collect();
+        self.out
+            .phase(&format!("rolling back: {}", list.join(", ")));
+        let results = join_all(set.iter().map(|(h, to)| {
+            let c = &self.clients[*h];
+            let req = RollbackRequest {
+                project: self.env.project.clone(),
+                to: Some(to.clone()),
+                reason: Some(why.to_string()),
+                deployment_id: Some(self.deployment_id.clone()),
+                lock_wait_ms: Some(ms(HOST_LOCK_WAIT)),
+                ..RollbackRequest::default()
+            };
+            let out = self.out.clone();
+            let h = *h;
+            async move {
+                let r = c.rollback(&req, |ev| out.agent_event(&c.host, ev)).await;
+                (h, r)
+            }
+        }))
+        .await;
+        let mut observations = Vec::new();
+        for (h, r) in results {
+            observations.push(rollback_observation(self, h, r).await);
+        }
+        observations
     }
 
     /// What a host serves now, asked after a failed call.
@@ -432,353 +518,393 @@ fn told<T>(
 /// gate reads.
 const APPROVAL_SCAN: usize = 10_000;
 
-/// `deploy-controller deploy`. Returns the exit code.
+/// `deploy-controller deploy`. Returns the exit code. The phases, each
+/// refusing with nothing changed until the lease is taken: promote → gate
+/// → pre-pull → take lease → roll → summarize.
 pub async fn deploy(inv: &Inventory, opts: &DeployOptions, out: Arc<Reporter>) -> i32 {
-    let started = Instant::now();
-    let env = match inv.environment(&opts.env) {
-        Ok(e) => e,
-        Err(e) => {
+    match deploy_phases(inv, opts, out).await {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+/// A phase's refusal: its exit code, already reported.
+type Refused = i32;
+
+async fn deploy_phases(
+    inv: &Inventory,
+    opts: &DeployOptions,
+    out: Arc<Reporter>,
+) -> Result<i32, Refused> {
+    let run = DeployRun::open(inv, opts, out)?;
+    let promoted = run.promote(inv).await?;
+    let reason = run.gate(promoted.as_ref()).await?;
+    let pulled = run.pre_pull(promoted.map(|p| p.digests)).await?;
+    let purpose = format!("deploy of {}", run.release);
+    let lease = run
+        .ctx
+        .take_lease("deploy", &run.release, &purpose, opts.lease_wait)
+        .await?;
+    let (fleet, verdict) = run.roll(&pulled, reason).await;
+    lease.release(&run.ctx.out).await;
+    Ok(run.summarize(&fleet, &verdict, pulled))
+}
+
+/// One deploy: what every phase reads.
+struct DeployRun<'a> {
+    ctx: Ctx<'a>,
+    opts: &'a DeployOptions,
+    release: String,
+    compose_path: String,
+    compose_text: String,
+    names: Vec<String>,
+}
+
+/// What the pre-pull found: per host, the pins it deploys and what it
+/// served before.
+struct Pulled {
+    pins: Vec<BTreeMap<String, String>>,
+    digests: BTreeMap<String, String>,
+    before: Vec<Option<String>>,
+}
+
+impl<'a> DeployRun<'a> {
+    /// Reads the environment, the compose file and the certificates.
+    fn open(
+        inv: &'a Inventory,
+        opts: &'a DeployOptions,
+        out: Arc<Reporter>,
+    ) -> Result<DeployRun<'a>, Refused> {
+        let started = Instant::now();
+        let env = inv.environment(&opts.env).map_err(|e| {
             out.error(&e.to_string());
-            return exit::CONFIG;
-        }
-    };
-    let release = opts.release.as_str();
-    let compose_path = opts.file.clone().unwrap_or_else(|| env.compose.clone());
-    let compose_text = match std::fs::read_to_string(&compose_path) {
-        Ok(t) => t,
-        Err(e) => {
+            exit::CONFIG
+        })?;
+        let release = opts.release.clone();
+        let compose_path = opts.file.clone().unwrap_or_else(|| env.compose.clone());
+        let compose_text = std::fs::read_to_string(&compose_path).map_err(|e| {
             out.error(&format!(
                 "cannot read the compose file {}: {e}; set `compose` in the inventory or pass --file",
                 compose_path.display()
             ));
-            return exit::CONFIG;
-        }
-    };
-    let clients = match make_clients(env, &opts.transport, &out) {
-        Ok(c) => c,
-        Err(e) => {
+            exit::CONFIG
+        })?;
+        let clients = make_clients(env, &opts.transport, &out).map_err(|e| {
             out.error(&e);
-            return exit::CONFIG;
-        }
-    };
-    let ctx = Ctx {
-        env,
-        clients,
-        out: out.clone(),
-        started,
-        deployment_id: new_deployment_id(&env.name, release),
-    };
-    let names: Vec<String> = env.hosts.iter().map(|h| h.name.clone()).collect();
-    out.phase(&format!(
-        "deploy {release} of {} to {} ({} host(s): {}), deployment {}",
-        env.project,
-        env.name,
-        names.len(),
-        names.join(", "),
-        ctx.deployment_id
-    ));
-
-    // 1. Promotion: the source environment's digests, never a tag.
-    let source = if opts.no_promote {
-        None
-    } else {
-        opts.promote_from
-            .clone()
-            .or_else(|| env.promote_from.clone())
-    };
-    if source.as_deref() == Some(env.name.as_str()) {
-        return ctx.refuse(
-            "deploy",
+            exit::CONFIG
+        })?;
+        let ctx = Ctx {
+            env,
+            clients,
+            out,
+            started,
+            deployment_id: new_deployment_id(&env.name, &release),
+        };
+        let names: Vec<String> = env.hosts.iter().map(|h| h.name.clone()).collect();
+        ctx.out.phase(&format!(
+            "deploy {release} of {} to {} ({} host(s): {}), deployment {}",
+            env.project,
+            env.name,
+            names.len(),
+            names.join(", "),
+            ctx.deployment_id
+        ));
+        Ok(DeployRun {
+            ctx,
+            opts,
             release,
-            exit::CONFIG,
-            format!(
-                "--promote-from {}: an environment cannot promote from itself",
-                env.name
-            ),
-        );
+            compose_path: compose_path.display().to_string(),
+            compose_text,
+            names,
+        })
     }
-    let promoted = match &source {
-        Some(src) => {
-            match promote::source_digests(inv, env, src, release, &out, &opts.transport).await {
-                Ok(p) => {
-                    out.phase(&format!("promotion: {src} ran {}", describe(&p.digests)));
-                    Some(p)
-                }
-                Err(r) => return ctx.refuse("deploy", release, r.code, r.message),
-            }
-        }
-        None => None,
-    };
 
-    // 1b. The safety gates, before anything changes.
-    let mut reason = opts.reason.clone();
-    if let Some(policy) = &env.policy {
-        let source_facts = match (&source, &promoted) {
+    fn refuse(&self, code: i32, message: String) -> Refused {
+        self.ctx.refuse("deploy", &self.release, code, message)
+    }
+
+    /// The environment to promote from, if any.
+    fn source(&self) -> Option<String> {
+        if self.opts.no_promote {
+            return None;
+        }
+        self.opts
+            .promote_from
+            .clone()
+            .or_else(|| self.ctx.env.promote_from.clone())
+    }
+
+    /// Promotion: the source environment's digests, never a tag.
+    async fn promote(&self, inv: &Inventory) -> Result<Option<promote::Promoted>, Refused> {
+        let env = self.ctx.env;
+        let Some(src) = self.source() else {
+            return Ok(None);
+        };
+        if src == env.name {
+            return Err(self.refuse(
+                exit::CONFIG,
+                format!(
+                    "--promote-from {}: an environment cannot promote from itself",
+                    env.name
+                ),
+            ));
+        }
+        let p = promote::source_digests(
+            inv,
+            env,
+            &src,
+            &self.release,
+            &self.ctx.out,
+            &self.opts.transport,
+        )
+        .await
+        .map_err(|r| self.refuse(r.code, r.message))?;
+        self.ctx
+            .out
+            .phase(&format!("promotion: {src} ran {}", describe(&p.digests)));
+        Ok(Some(p))
+    }
+
+    /// The safety gates, before anything changes. The reason to record:
+    /// the caller's, with an override said first.
+    async fn gate(&self, promoted: Option<&promote::Promoted>) -> Result<Option<String>, Refused> {
+        let opts = self.opts;
+        let Some(policy) = &self.ctx.env.policy else {
+            return Ok(opts.reason.clone());
+        };
+        let source_facts = match (self.source(), promoted) {
             (Some(src), Some(p)) => Some(policy::SourceFacts {
-                environment: src.clone(),
+                environment: src,
                 first_ran_at: p.first_ran_at,
                 not_serving: p.not_serving.clone(),
             }),
             _ => None,
         };
-        match gate(&ctx, policy, release, source_facts, opts).await {
-            Ok(overridden) => {
-                if let Some(text) = overridden {
-                    reason = Some(match &opts.reason {
-                        Some(r) => format!("{text}; {r}"),
-                        None => text,
-                    });
+        let overridden = gate(&self.ctx, policy, &self.release, source_facts, opts).await?;
+        Ok(match overridden {
+            Some(text) => Some(match &opts.reason {
+                Some(r) => format!("{text}; {r}"),
+                None => text,
+            }),
+            None => opts.reason.clone(),
+        })
+    }
+
+    /// Pre-pull everywhere at once; any failure: nothing changed.
+    async fn pre_pull(
+        &self,
+        promoted: Option<BTreeMap<String, String>>,
+    ) -> Result<Pulled, Refused> {
+        let (env, out) = (self.ctx.env, &self.ctx.out);
+        out.phase(&format!("pre-pull on {} host(s)", self.names.len()));
+        let pulls = join_all(self.ctx.clients.iter().zip(&env.hosts).map(|(c, h)| {
+            let req = PullRequest {
+                project: env.project.clone(),
+                release: self.release.clone(),
+                compose_path: self.compose_path.clone(),
+                compose_text: self.compose_text.clone(),
+                vars: env.vars_for(h, &self.opts.vars),
+                pinned: promoted.clone().unwrap_or_default(),
+            };
+            async move { c.pull(&req).await }
+        }))
+        .await;
+        let mut errors = Vec::new();
+        let mut pulled = Vec::new();
+        for (c, r) in self.ctx.clients.iter().zip(pulls) {
+            match r {
+                Ok(p) => {
+                    out.host(&c.host, &format!("pulled {}", describe(&p.digests)));
+                    pulled.push(p);
+                }
+                Err(e) => {
+                    out.host(&c.host, &format!("pre-pull failed: {e}"));
+                    errors.push(e);
                 }
             }
-            Err(code) => return code,
         }
+        if !errors.is_empty() {
+            let (code, msg) = combine(&errors);
+            return Err(self.refuse(code, format!("pre-pull failed, nothing was changed: {msg}")));
+        }
+        // Each host deploys exactly what it pre-pulled (or what was
+        // promoted); the same repository must have resolved to the same
+        // digest everywhere.
+        let pins: Vec<BTreeMap<String, String>> = pulled
+            .iter()
+            .map(|p| promoted.clone().unwrap_or_else(|| p.digests.clone()))
+            .collect();
+        if let Some(moved) = tag_moved(&self.names, &pins) {
+            return Err(self.refuse(
+                exit::REGISTRY,
+                format!("pre-pull resolved different images on different hosts ({moved}): a tag moved while pulling; nothing was changed, retry"),
+            ));
+        }
+        Ok(Pulled {
+            digests: pins.first().cloned().unwrap_or_default(),
+            before: pulled.iter().map(|p| p.serving.clone()).collect(),
+            pins,
+        })
     }
-    let promoted = promoted.map(|p| p.digests);
 
-    // 2. Pre-pull everywhere; any failure: nothing changed.
-    out.phase(&format!("pre-pull on {} host(s)", names.len()));
-    let compose_path_text = compose_path.display().to_string();
-    let pulls = join_all(ctx.clients.iter().zip(&env.hosts).map(|(c, h)| {
-        let req = PullRequest {
+    /// The rollout: each action of [`FleetRollout`] taken, a wave's hosts
+    /// at once, their results fed back, until it is done.
+    async fn roll(&self, pulled: &Pulled, reason: Option<String>) -> (FleetRollout, Verdict) {
+        let (env, out, names) = (self.ctx.env, &self.ctx.out, &self.names);
+        out.hosts(names);
+        let mut fleet = FleetRollout::new(
+            &self.release,
+            names.clone(),
+            pulled.before.clone(),
+            &env.strategy,
+        );
+        let verdict = loop {
+            match fleet.next_action() {
+                Action::Done(v) => break v,
+                Action::Wait => {
+                    // Cannot happen: every action's observations are fed below.
+                    out.warn("internal: the rollout waited with nothing in flight");
+                    break Verdict::Mixed {
+                        failure: None,
+                        hosts: vec!["the rollout stopped unexpectedly".into()],
+                    };
+                }
+                Action::Pause(d) => {
+                    out.phase(&format!("pause {d:?} before the next batch"));
+                    tokio::time::sleep(d).await;
+                    fleet.observe(Observation::Paused);
+                }
+                Action::Deploy(wave) => {
+                    for obs in self.deploy_wave(&wave, pulled, &reason).await {
+                        fleet.observe(obs);
+                    }
+                }
+                Action::Rollback(set) => {
+                    let why = fleet
+                        .failures()
+                        .first()
+                        .map(|f| {
+                            format!("automatic: deploy of {} failed on {}", self.release, f.host)
+                        })
+                        .unwrap_or_else(|| {
+                            format!("automatic: deploy of {} stopped", self.release)
+                        });
+                    for obs in self.ctx.roll_back(&set, names, &why).await {
+                        fleet.observe(obs);
+                    }
+                }
+            }
+        };
+        (fleet, verdict)
+    }
+
+    /// One wave of the rollout, its hosts at once.
+    async fn deploy_wave(
+        &self,
+        wave: &crate::fleet::Wave,
+        pulled: &Pulled,
+        reason: &Option<String>,
+    ) -> Vec<Observation> {
+        let (ctx, env, out) = (&self.ctx, self.ctx.env, &self.ctx.out);
+        let who: Vec<&str> = wave.hosts.iter().map(|h| self.names[*h].as_str()).collect();
+        if wave.canary {
+            out.phase(&format!("canary: {}", who.join(", ")));
+        } else {
+            out.phase(&format!("batch {}: {}", wave.number, who.join(", ")));
+        }
+        let results = join_all(wave.hosts.iter().map(|&h| {
+            let c = &ctx.clients[h];
+            let req = DeployRequest {
+                project: env.project.clone(),
+                release: self.release.clone(),
+                compose_path: self.compose_path.clone(),
+                compose_text: self.compose_text.clone(),
+                vars: env.vars_for(&env.hosts[h], &self.opts.vars),
+                reason: reason.clone(),
+                deployment_id: Some(ctx.deployment_id.clone()),
+                pinned: pulled.pins[h].clone(),
+                observe_window_ms: env.observation.map(ms),
+                lock_wait_ms: Some(ms(HOST_LOCK_WAIT)),
+                commit_time: self.opts.commit_time.clone(),
+                ..DeployRequest::default()
+            };
+            let out = out.clone();
+            async move {
+                let r = c.deploy(&req, |ev| out.agent_event(&c.host, ev)).await;
+                (h, r)
+            }
+        }))
+        .await;
+        let mut observations = Vec::new();
+        for (h, r) in results {
+            observations.push(deploy_observation(ctx, h, r).await);
+        }
+        observations
+    }
+
+    /// The ending: the verdict as an outcome, exit code and message, the
+    /// summary printed and kept for CI.
+    fn summarize(&self, fleet: &FleetRollout, verdict: &Verdict, pulled: Pulled) -> i32 {
+        let (env, release) = (self.ctx.env, self.release.as_str());
+        let (outcome, code, message, failure) = match verdict {
+            Verdict::Succeeded => (
+                FleetOutcome::Succeeded,
+                exit::SUCCESS,
+                format!("every host of {} serves {release}", env.name),
+                None,
+            ),
+            Verdict::RolledBack { failure } => {
+                let code = match failure.outcome {
+                    Outcome::HealthGateFailed | Outcome::Interrupted => exit::HEALTH_GATE_FAILED,
+                    o => o.exit_code(),
+                };
+                let msg = format!(
+                    "{}; the rollout stopped and every updated host was rolled back: {} runs what it ran before",
+                    failure_text(release, failure),
+                    env.name
+                );
+                (FleetOutcome::RolledBack, code, msg, Some(failure.clone()))
+            }
+            Verdict::Mixed { failure, hosts } => {
+                let mut msg = String::new();
+                if let Some(f) = failure {
+                    msg.push_str(&failure_text(release, f));
+                    msg.push_str("; ");
+                }
+                msg.push_str(&format!(
+                    "MIXED VERSIONS: the hosts of {} do not all run the same release: {}; \
+                     check `deploy-controller status --env {}` and roll back or redeploy",
+                    env.name,
+                    hosts.join("; "),
+                    env.name
+                ));
+                (FleetOutcome::Mixed, exit::MIXED, msg, failure.clone())
+            }
+        };
+        let lines = (0..self.names.len())
+            .map(|h| HostLine {
+                host: self.names[h].clone(),
+                before: pulled.before[h].clone(),
+                after: fleet.serving(h).to_string(),
+                result: host_result(fleet.states().get(h)),
+                via: self.ctx.clients[h].route_report().transport.to_string(),
+            })
+            .collect();
+        self.ctx.conclude(Summary {
+            command: "deploy",
+            environment: env.name.clone(),
             project: env.project.clone(),
             release: release.to_string(),
-            compose_path: compose_path_text.clone(),
-            compose_text: compose_text.clone(),
-            vars: env.vars_for(h, &opts.vars),
-            pinned: promoted.clone().unwrap_or_default(),
-        };
-        async move { c.pull(&req).await }
-    }))
-    .await;
-    let mut errors = Vec::new();
-    let mut pulled = Vec::new();
-    for (c, r) in ctx.clients.iter().zip(pulls) {
-        match r {
-            Ok(p) => {
-                out.host(&c.host, &format!("pulled {}", describe(&p.digests)));
-                pulled.push(p);
-            }
-            Err(e) => {
-                out.host(&c.host, &format!("pre-pull failed: {e}"));
-                errors.push(e);
-            }
-        }
-    }
-    if !errors.is_empty() {
-        let (code, msg) = combine(&errors);
-        return ctx.refuse(
-            "deploy",
-            release,
-            code,
-            format!("pre-pull failed, nothing was changed: {msg}"),
-        );
-    }
-    // Each host deploys exactly what it pre-pulled (or what was promoted);
-    // the same repository must have resolved to the same digest everywhere.
-    let pins: Vec<BTreeMap<String, String>> = pulled
-        .iter()
-        .map(|p| promoted.clone().unwrap_or_else(|| p.digests.clone()))
-        .collect();
-    if let Some(moved) = tag_moved(&names, &pins) {
-        return ctx.refuse(
-            "deploy",
-            release,
-            exit::REGISTRY,
-            format!("pre-pull resolved different images on different hosts ({moved}): a tag moved while pulling; nothing was changed, retry"),
-        );
-    }
-    let digests = pins.first().cloned().unwrap_or_default();
-    let before: Vec<Option<String>> = pulled.iter().map(|p| p.serving.clone()).collect();
-
-    // 3. The environment lock.
-    let purpose = format!("deploy of {release}");
-    let mut lease = match FleetLease::acquire(
-        &ctx.clients,
-        &ctx.deployment_id,
-        env.lock_ttl,
-        &purpose,
-        opts.lock_wait,
-        &out,
-    )
-    .await
-    {
-        Ok(l) => l,
-        Err(f) => {
-            return ctx.refuse(
-                "deploy",
-                release,
-                f.exit_code(),
-                format!(
-                    "cannot take the environment lock of {}: {}",
-                    env.name,
-                    f.message()
-                ),
-            );
-        }
-    };
-    lease.start_renewal(env.lock_ttl, out.clone());
-    out.phase(&format!(
-        "environment lock of {} taken (lease {:?}, renewed while this runs)",
-        env.name, env.lock_ttl
-    ));
-
-    // 4. The rollout.
-    out.hosts(&names);
-    let mut fleet = FleetRollout::new(release, names.clone(), before.clone(), &env.strategy);
-    let verdict = loop {
-        match fleet.next_action() {
-            Action::Done(v) => break v,
-            Action::Wait => {
-                // Cannot happen: every action's observations are fed below.
-                out.warn("internal: the rollout waited with nothing in flight");
-                break Verdict::Mixed {
-                    failure: None,
-                    hosts: vec!["the rollout stopped unexpectedly".into()],
-                };
-            }
-            Action::Pause(d) => {
-                out.phase(&format!("pause {d:?} before the next batch"));
-                tokio::time::sleep(d).await;
-                fleet.observe(Observation::Paused);
-            }
-            Action::Deploy(wave) => {
-                let who: Vec<&str> = wave.hosts.iter().map(|h| names[*h].as_str()).collect();
-                if wave.canary {
-                    out.phase(&format!("canary: {}", who.join(", ")));
-                } else {
-                    out.phase(&format!("batch {}: {}", wave.number, who.join(", ")));
-                }
-                let results = join_all(wave.hosts.iter().map(|&h| {
-                    let c = &ctx.clients[h];
-                    let req = DeployRequest {
-                        project: env.project.clone(),
-                        release: release.to_string(),
-                        compose_path: compose_path_text.clone(),
-                        compose_text: compose_text.clone(),
-                        vars: env.vars_for(&env.hosts[h], &opts.vars),
-                        reason: reason.clone(),
-                        deployment_id: Some(ctx.deployment_id.clone()),
-                        pinned: pins[h].clone(),
-                        observe_window_ms: env.observation.map(ms),
-                        lock_wait_ms: Some(ms(HOST_LOCK_WAIT)),
-                        commit_time: opts.commit_time.clone(),
-                        ..DeployRequest::default()
-                    };
-                    let out = out.clone();
-                    async move {
-                        let r = c.deploy(&req, |ev| out.agent_event(&c.host, ev)).await;
-                        (h, r)
-                    }
-                }))
-                .await;
-                for (h, r) in results {
-                    let obs = deploy_observation(&ctx, h, r).await;
-                    fleet.observe(obs);
-                }
-            }
-            Action::Rollback(set) => {
-                let list: Vec<String> = set
-                    .iter()
-                    .map(|(h, to)| format!("{} -> {to}", names[*h]))
-                    .collect();
-                out.phase(&format!("rolling back: {}", list.join(", ")));
-                let why = fleet
-                    .failures()
-                    .first()
-                    .map(|f| format!("automatic: deploy of {release} failed on {}", f.host))
-                    .unwrap_or_else(|| format!("automatic: deploy of {release} stopped"));
-                let results = join_all(set.iter().map(|(h, to)| {
-                    let c = &ctx.clients[*h];
-                    let req = RollbackRequest {
-                        project: env.project.clone(),
-                        to: Some(to.clone()),
-                        reason: Some(why.clone()),
-                        deployment_id: Some(ctx.deployment_id.clone()),
-                        lock_wait_ms: Some(ms(HOST_LOCK_WAIT)),
-                        ..RollbackRequest::default()
-                    };
-                    let out = out.clone();
-                    let h = *h;
-                    async move {
-                        let r = c.rollback(&req, |ev| out.agent_event(&c.host, ev)).await;
-                        (h, r)
-                    }
-                }))
-                .await;
-                for (h, r) in results {
-                    let obs = rollback_observation(&ctx, h, r).await;
-                    fleet.observe(obs);
-                }
-            }
-        }
-    };
-    lease.release(&out).await;
-
-    // 5. The ending.
-    let (outcome, code, message, failure) = match &verdict {
-        Verdict::Succeeded => (
-            "succeeded",
-            exit::SUCCESS,
-            format!("every host of {} serves {release}", env.name),
-            None,
-        ),
-        Verdict::RolledBack { failure } => {
-            let code = match failure.outcome {
-                Outcome::HealthGateFailed | Outcome::Interrupted => exit::HEALTH_GATE_FAILED,
-                o => o.exit_code(),
-            };
-            let msg = format!(
-                "{}; the rollout stopped and every updated host was rolled back: {} runs what it ran before",
-                failure_text(release, failure),
-                env.name
-            );
-            ("rolled_back", code, msg, Some(failure.clone()))
-        }
-        Verdict::Mixed { failure, hosts } => {
-            let mut msg = String::new();
-            if let Some(f) = failure {
-                msg.push_str(&failure_text(release, f));
-                msg.push_str("; ");
-            }
-            msg.push_str(&format!(
-                "MIXED VERSIONS: the hosts of {} do not all run the same release: {}; \
-                 check `deploy-controller status --env {}` and roll back or redeploy",
-                env.name,
-                hosts.join("; "),
-                env.name
-            ));
-            ("mixed", exit::MIXED, msg, failure.clone())
-        }
-    };
-    if code != exit::SUCCESS {
-        out.error(&message);
-    }
-    let lines = (0..names.len())
-        .map(|h| HostLine {
-            host: names[h].clone(),
-            before: before[h].clone(),
-            after: fleet.serving(h).to_string(),
-            result: host_result(fleet.states().get(h)),
-            via: ctx.clients[h].route_report().transport.to_string(),
+            deployment_id: self.ctx.deployment_id.clone(),
+            outcome,
+            exit_code: code,
+            message,
+            failed_host: failure.as_ref().map(|f| f.host.clone()),
+            gate: failure.as_ref().and_then(|f| f.gate.clone()),
+            digests: pulled.digests,
+            hosts: lines,
+            duration_ms: ms(self.ctx.started.elapsed()),
         })
-        .collect();
-    let summary = Summary {
-        command: "deploy",
-        environment: env.name.clone(),
-        project: env.project.clone(),
-        release: release.to_string(),
-        deployment_id: ctx.deployment_id.clone(),
-        outcome: outcome.into(),
-        exit_code: code,
-        message,
-        failed_host: failure.as_ref().map(|f| f.host.clone()),
-        gate: failure.as_ref().and_then(|f| f.gate.clone()),
-        digests,
-        hosts: lines,
-        duration_ms: ms(started.elapsed()),
-    };
-    ctx.finish(&summary);
-    code
+    }
 }
 
 /// Two hosts whose pins give the same service the same repository but
@@ -902,40 +1028,46 @@ async fn rollback_observation(
 pub struct RollbackOptions {
     pub env: String,
     pub to: Option<String>,
-    pub lock_wait: Option<Duration>,
+    /// `--lease-wait`: how long to wait for another deployment's lease.
+    pub lease_wait: Option<Duration>,
     pub reason: Option<String>,
-    /// `--transport`, `--accept-new-host-keys` (issue 5).
+    /// `--transport`, `--accept-new-host-keys`.
     pub transport: TransportOptions,
 }
 
 /// `deploy-controller rollback`: every host of the environment at once, to
-/// `--to R` or to the release each had before. Returns the exit code.
+/// `--to R` or to the release each had before. Returns the exit code. The
+/// phases: take lease → roll back → summarize.
 pub async fn rollback(inv: &Inventory, opts: &RollbackOptions, out: Arc<Reporter>) -> i32 {
+    match rollback_phases(inv, opts, out).await {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+async fn rollback_phases(
+    inv: &Inventory,
+    opts: &RollbackOptions,
+    out: Arc<Reporter>,
+) -> Result<i32, Refused> {
     let started = Instant::now();
-    let env = match inv.environment(&opts.env) {
-        Ok(e) => e,
-        Err(e) => {
-            out.error(&e.to_string());
-            return exit::CONFIG;
-        }
-    };
-    let clients = match make_clients(env, &opts.transport, &out) {
-        Ok(c) => c,
-        Err(e) => {
-            out.error(&e);
-            return exit::CONFIG;
-        }
-    };
+    let env = inv.environment(&opts.env).map_err(|e| {
+        out.error(&e.to_string());
+        exit::CONFIG
+    })?;
+    let clients = make_clients(env, &opts.transport, &out).map_err(|e| {
+        out.error(&e);
+        exit::CONFIG
+    })?;
     let target = opts.to.clone().unwrap_or_else(|| "previous".into());
     let ctx = Ctx {
         env,
         clients,
-        out: out.clone(),
+        out,
         started,
         deployment_id: new_deployment_id(&env.name, &format!("rollback-{target}")),
     };
     let names: Vec<String> = env.hosts.iter().map(|h| h.name.clone()).collect();
-    out.phase(&format!(
+    ctx.out.phase(&format!(
         "rollback of {} in {} to {} on {} host(s), deployment {}",
         env.project,
         env.name,
@@ -947,37 +1079,14 @@ pub async fn rollback(inv: &Inventory, opts: &RollbackOptions, out: Arc<Reporter
         "rollback to {}",
         opts.to.as_deref().unwrap_or("the previous release")
     );
-    let lease = match FleetLease::acquire(
-        &ctx.clients,
-        &ctx.deployment_id,
-        env.lock_ttl,
-        &purpose,
-        opts.lock_wait,
-        &out,
-    )
-    .await
-    {
-        Ok(l) => l,
-        Err(f) => {
-            return ctx.refuse(
-                "rollback",
-                &target,
-                f.exit_code(),
-                format!(
-                    "cannot take the environment lock of {}: {}",
-                    env.name,
-                    f.message()
-                ),
-            );
-        }
-    };
-    let mut lease = lease;
-    lease.start_renewal(env.lock_ttl, out.clone());
-    out.hosts(&names);
+    let lease = ctx
+        .take_lease("rollback", &target, &purpose, opts.lease_wait)
+        .await?;
+    ctx.out.hosts(&names);
     let before: Vec<Seen> = join_all((0..names.len()).map(|h| ctx.serving(h))).await;
     let results = join_all((0..names.len()).map(|h| {
         let c = &ctx.clients[h];
-        let out = out.clone();
+        let out = ctx.out.clone();
         let skip = matches!((&before[h], &opts.to), (Seen::Release(cur), Some(to)) if cur == to);
         let req = RollbackRequest {
             project: env.project.clone(),
@@ -996,8 +1105,20 @@ pub async fn rollback(inv: &Inventory, opts: &RollbackOptions, out: Arc<Reporter
         }
     }))
     .await;
-    lease.release(&out).await;
+    lease.release(&ctx.out).await;
+    Ok(summarize_rollback(&ctx, &names, target, &before, results).await)
+}
 
+/// The ending of a fleet rollback: one line per host, and whether every
+/// host ended on one release.
+async fn summarize_rollback(
+    ctx: &Ctx<'_>,
+    names: &[String],
+    target: String,
+    before: &[Seen],
+    results: Vec<Option<Result<OperationResult, CallError>>>,
+) -> i32 {
+    let env = ctx.env;
     let mut lines = Vec::new();
     let mut failed: Vec<(usize, i32, String)> = Vec::new();
     for (h, r) in results.into_iter().enumerate() {
@@ -1034,7 +1155,7 @@ pub async fn rollback(inv: &Inventory, opts: &RollbackOptions, out: Arc<Reporter
         lines.iter().map(|l| l.after.as_str()).collect();
     let (outcome, code, message) = if failed.is_empty() {
         (
-            "succeeded",
+            FleetOutcome::Succeeded,
             exit::SUCCESS,
             format!(
                 "every host of {} rolled back ({})",
@@ -1049,7 +1170,7 @@ pub async fn rollback(inv: &Inventory, opts: &RollbackOptions, out: Arc<Reporter
             .map(|(h, _, m)| format!("{}: {m}", names[*h]))
             .collect();
         (
-            "refused",
+            FleetOutcome::Refused,
             code,
             format!(
                 "the rollback failed on every host, nothing changed: {}",
@@ -1062,7 +1183,7 @@ pub async fn rollback(inv: &Inventory, opts: &RollbackOptions, out: Arc<Reporter
             .map(|l| format!("{} serves {}", l.host, l.after))
             .collect();
         (
-            "mixed",
+            FleetOutcome::Mixed,
             exit::MIXED,
             format!(
                 "MIXED VERSIONS: the rollback failed on {} host(s): {}",
@@ -1071,26 +1192,21 @@ pub async fn rollback(inv: &Inventory, opts: &RollbackOptions, out: Arc<Reporter
             ),
         )
     };
-    if code != exit::SUCCESS {
-        out.error(&message);
-    }
-    let summary = Summary {
+    ctx.conclude(Summary {
         command: "rollback",
         environment: env.name.clone(),
         project: env.project.clone(),
         release: target,
         deployment_id: ctx.deployment_id.clone(),
-        outcome: outcome.into(),
+        outcome,
         exit_code: code,
         message,
         failed_host: failed.first().map(|(h, _, _)| names[*h].clone()),
         gate: None,
         digests: BTreeMap::new(),
         hosts: lines,
-        duration_ms: ms(started.elapsed()),
-    };
-    ctx.finish(&summary);
-    code
+        duration_ms: ms(ctx.started.elapsed()),
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! `deploy-controller install --env E [--host H]…`: puts deploy-agent on
-//! hosts over SSH (issue 5) and starts its services.
+//! hosts over SSH and starts its services.
 //!
 //! For each host (in parallel), over the host's SSH details:
 //! 1. the files: the `deploy-agent` binary with the systemd units and the

@@ -35,7 +35,7 @@
 //! ssh = { user = "deploy", key_env = "DEPLOY_SSH_KEY", known_hosts = "known_hosts" }  # SSH fallback
 //! ```
 //!
-//! The SSH fallback (issue 5, docs/ssh.md): a host's `ssh` table, over the
+//! The SSH fallback (docs/ssh.md): a host's `ssh` table, over the
 //! environment's `ssh` table (defaults for every host). `connect_timeout`
 //! bounds the connection to an agent (and to sshd) before the controller
 //! counts it unreachable. `[environments.E.install]` feeds
@@ -110,7 +110,7 @@ struct RawEnvironment {
     strategy: RawStrategy,
     #[serde(default)]
     hosts: Vec<RawHost>,
-    // --- SSH fallback (issue 5) ---
+    // --- SSH fallback ---
     #[serde(default)]
     ssh: Option<RawSsh>,
     #[serde(default)]
@@ -197,7 +197,7 @@ struct RawHost {
     ssh: Option<RawSsh>,
 }
 
-// --- SSH fallback (issue 5) ---------------------------------------------------
+// --- SSH fallback ---------------------------------------------------
 
 /// An `ssh` table, of a host or of an environment (defaults for its hosts).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -436,7 +436,7 @@ pub struct Host {
     /// `host:port` of the agent's HTTPS API.
     pub agent: String,
     pub vars: BTreeMap<String, String>,
-    /// The SSH fallback (issue 5): `None` when neither the host nor its
+    /// The SSH fallback: `None` when neither the host nor its
     /// environment has an `ssh` table.
     pub ssh: Option<SshSettings>,
 }
@@ -457,9 +457,9 @@ pub struct Environment {
     pub strategy: Strategy,
     pub hosts: Vec<Host>,
     /// How long a connection to an agent (and to sshd) may take before
-    /// the host counts as unreachable (issue 5).
+    /// the host counts as unreachable.
     pub connect_timeout: Duration,
-    /// `[environments.E.install]` (issue 5).
+    /// `[environments.E.install]`.
     pub install: Option<InstallSettings>,
     /// `[environments.E.policy]`: the safety gates of a deploy.
     pub policy: Option<Policy>,
@@ -560,7 +560,7 @@ impl Inventory {
                 }
                 let agent = normalize_agent(&h.agent)
                     .map_err(|m| invalid(format!("`{hat}.agent` {:?}: {m}", h.agent)))?;
-                // issue 5: the host's ssh table over the environment's.
+                // the host's ssh table over the environment's.
                 let ssh = match (&h.ssh, &e.ssh) {
                     (None, None) => None,
                     (host_ssh, env_ssh) => {

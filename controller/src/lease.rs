@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deploy_protocol::{Lease, LockRequest, Outcome, UnlockRequest};
+use deploy_protocol::{GiveUpLeaseRequest, Lease, LeaseRequest, Outcome};
 use futures_util::future::join_all;
 use tokio::task::JoinHandle;
 
@@ -47,7 +47,7 @@ impl LockFailure {
 /// The lease held on every host.
 pub struct FleetLease {
     clients: Vec<AgentClient>,
-    request: LockRequest,
+    request: LeaseRequest,
     renewer: Option<JoinHandle<()>>,
 }
 
@@ -69,7 +69,7 @@ impl FleetLease {
         wait: Option<Duration>,
         out: &Reporter,
     ) -> Result<FleetLease, LockFailure> {
-        let request = LockRequest {
+        let request = LeaseRequest {
             deployment_id: deployment_id.to_string(),
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
             purpose: Some(purpose.to_string()),
@@ -215,7 +215,7 @@ impl FleetLease {
         if let Some(r) = self.renewer.take() {
             r.abort();
         }
-        let req = UnlockRequest {
+        let req = GiveUpLeaseRequest {
             deployment_id: self.request.deployment_id.clone(),
         };
         let results = join_all(self.clients.iter().map(|c| c.unlock(&req))).await;

@@ -18,11 +18,11 @@ pub mod deploy;
 pub mod dora;
 pub mod exit;
 pub mod fleet;
-pub mod install; // issue 5: `deploy-controller install` over SSH
+pub mod install; // `deploy-controller install` over SSH
 pub mod inventory;
 pub mod lease;
 pub mod pki;
 pub mod policy;
 pub mod promote;
 pub mod report;
-pub mod ssh; // issue 5: the SSH transport
+pub mod ssh; // the SSH transport

@@ -50,44 +50,7 @@ enum Cmd {
         cmd: PkiCmd,
     },
     /// Deploy a release to every host of an environment.
-    Deploy {
-        #[arg(long)]
-        env: String,
-        #[arg(long)]
-        release: String,
-        /// Interpolation variable `K=V` (repeatable), over the inventory's.
-        #[arg(long = "var", value_name = "K=V")]
-        vars: Vec<String>,
-        /// The compose file (default: the environment's `compose`).
-        #[arg(long)]
-        file: Option<PathBuf>,
-        /// Deploy the digests this environment recorded for the release
-        /// (default: the environment's `promote_from`).
-        #[arg(long, value_name = "ENV", conflicts_with = "no_promote")]
-        promote_from: Option<String>,
-        /// Resolve the compose file's tags even if `promote_from` is set.
-        #[arg(long)]
-        no_promote: bool,
-        /// Wait this long for another deployment's environment lock.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        lock_wait: Option<Duration>,
-        /// Why (recorded in every agent's audit log).
-        #[arg(long)]
-        reason: Option<String>,
-        /// Deploy even if the environment's safety gates (window, blackout,
-        /// rate limit, promotion rule) deny it; the reason and the gates
-        /// overridden go into every host's audit record.
-        #[arg(long = "override", value_name = "REASON")]
-        override_reason: Option<String>,
-        /// When the release's commit was made (RFC 3339, e.g.
-        /// `${{ github.event.head_commit.timestamp }}`): recorded on every
-        /// host, for lead time in `dora`.
-        #[arg(long, value_name = "TIME")]
-        commit_time: Option<String>,
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-    },
+    Deploy(DeployArgs),
     /// Roll every host of an environment back at once.
     Rollback {
         #[arg(long)]
@@ -95,8 +58,11 @@ enum Cmd {
         /// The release to go back to (default: each host's previous one).
         #[arg(long)]
         to: Option<String>,
-        #[arg(long, value_parser = humantime::parse_duration)]
-        lock_wait: Option<Duration>,
+        /// Wait this long for another deployment's environment lease
+        /// (default: fail at once, naming its holder).
+        #[arg(long, alias = "lock-wait", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        lease_wait: Option<Duration>,
+        /// Why (recorded in every agent's audit log).
         #[arg(long)]
         reason: Option<String>,
         #[arg(long)]
@@ -184,6 +150,47 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args)]
+struct DeployArgs {
+    #[arg(long)]
+    env: String,
+    #[arg(long)]
+    release: String,
+    /// Interpolation variable `K=V` (repeatable), over the inventory's.
+    #[arg(long = "var", value_name = "K=V")]
+    vars: Vec<String>,
+    /// The compose file (default: the environment's `compose`).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Deploy the digests this environment recorded for the release
+    /// (default: the environment's `promote_from`).
+    #[arg(long, value_name = "ENV", conflicts_with = "no_promote")]
+    promote_from: Option<String>,
+    /// Resolve the compose file's tags even if `promote_from` is set.
+    #[arg(long)]
+    no_promote: bool,
+    /// Wait this long for another deployment's environment lease
+    /// (default: fail at once, naming its holder).
+    #[arg(long, alias = "lock-wait", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    lease_wait: Option<Duration>,
+    /// Why (recorded in every agent's audit log).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Deploy even if the environment's safety gates (window, blackout,
+    /// rate limit, promotion rule) deny it; the reason and the gates
+    /// overridden go into every host's audit record.
+    #[arg(long = "override", value_name = "REASON")]
+    override_reason: Option<String>,
+    /// When the release's commit was made (RFC 3339, e.g.
+    /// `${{ github.event.head_commit.timestamp }}`): recorded on every
+    /// host, for lead time in `dora`.
+    #[arg(long, value_name = "TIME")]
+    commit_time: Option<String>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum PkiCmd {
     /// Create a CA (ca.pem, ca-key.pem) in DIR.
@@ -249,130 +256,36 @@ fn load(path: &std::path::Path) -> Result<Inventory, i32> {
     })
 }
 
+/// One function per command; this one picks it.
 async fn run(cli: Cli) -> i32 {
     let transport = TransportOptions {
         transport: cli.transport,
         accept_new_host_keys: cli.accept_new_host_keys,
     };
+    let inventory = cli.inventory;
+    let with_inventory = || load(&inventory);
     match cli.cmd {
-        Cmd::Pki { cmd } => match cmd {
-            PkiCmd::Init { dir, days } => match pki::init(&dir, days) {
-                Ok(files) => {
-                    println!(
-                        "CA created: {} (keep {} secret)",
-                        files.cert.display(),
-                        files.key.display()
-                    );
-                    exit::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    exit::CONFIG
-                }
-            },
-            PkiCmd::Issue {
-                dir,
-                name,
-                kind,
-                sans,
-                days,
-            } => match pki::issue(&dir, &name, kind, &sans, days) {
-                Ok(files) => {
-                    println!(
-                        "issued {} certificate {}: {} (key {})",
-                        match kind {
-                            Kind::Agent => "agent",
-                            Kind::Client => "client",
-                        },
-                        name,
-                        files.cert.display(),
-                        files.key.display()
-                    );
-                    exit::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    exit::CONFIG
-                }
-            },
-        },
-        Cmd::Deploy {
-            env,
-            release,
-            vars,
-            file,
-            promote_from,
-            no_promote,
-            lock_wait,
-            reason,
-            override_reason,
-            commit_time,
-            json,
-        } => {
-            if let Some(t) = &commit_time
-                && let Err(e) = t.parse::<jiff::Timestamp>()
-            {
-                eprintln!(
-                    "error: --commit-time {t:?} is not an RFC 3339 time like 2026-12-01T09:30:00Z: {e}"
-                );
-                return exit::CONFIG;
-            }
-            if override_reason
-                .as_deref()
-                .is_some_and(|r| r.trim().is_empty())
-            {
-                eprintln!(
-                    "error: --override needs a reason (e.g. --override \"hotfix for INC-123\"): it is audited on every host"
-                );
-                return exit::CONFIG;
-            }
-            let vars = match parse_vars(&vars) {
-                Ok(v) => v,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return exit::CONFIG;
-                }
-            };
-            let inv = match load(&cli.inventory) {
-                Ok(i) => i,
-                Err(code) => return code,
-            };
-            let out = Arc::new(Reporter::new(json));
-            let opts = DeployOptions {
-                env,
-                release,
-                vars,
-                file,
-                promote_from,
-                no_promote,
-                lock_wait,
-                reason,
-                transport,
-                override_reason,
-                commit_time,
-            };
-            deploy::deploy(&inv, &opts, out).await
-        }
+        Cmd::Pki { cmd } => pki_command(cmd),
+        Cmd::Deploy(args) => deploy_command(&inventory, args, transport).await,
         Cmd::Rollback {
             env,
             to,
-            lock_wait,
+            lease_wait,
             reason,
             json,
         } => {
-            let inv = match load(&cli.inventory) {
+            let inv = match with_inventory() {
                 Ok(i) => i,
                 Err(code) => return code,
             };
-            let out = Arc::new(Reporter::new(json));
             let opts = RollbackOptions {
                 env,
                 to,
-                lock_wait,
+                lease_wait,
                 reason,
                 transport,
             };
-            deploy::rollback(&inv, &opts, out).await
+            deploy::rollback(&inv, &opts, Arc::new(Reporter::new(json))).await
         }
         Cmd::Install {
             env,
@@ -382,11 +295,10 @@ async fn run(cli: Cli) -> i32 {
             no_start,
             json,
         } => {
-            let inv = match load(&cli.inventory) {
+            let inv = match with_inventory() {
                 Ok(i) => i,
                 Err(code) => return code,
             };
-            let out = Arc::new(Reporter::new(json));
             let opts = InstallOptions {
                 env,
                 hosts,
@@ -395,13 +307,13 @@ async fn run(cli: Cli) -> i32 {
                 no_start,
                 transport,
             };
-            install::install(&inv, &opts, out).await
+            install::install(&inv, &opts, Arc::new(Reporter::new(json))).await
         }
-        Cmd::Status { env, json } => match load(&cli.inventory) {
+        Cmd::Status { env, json } => match with_inventory() {
             Ok(inv) => commands::status(&inv, &env, json, &transport).await,
             Err(code) => code,
         },
-        Cmd::History { env, limit, json } => match load(&cli.inventory) {
+        Cmd::History { env, limit, json } => match with_inventory() {
             Ok(inv) => commands::history(&inv, &env, limit, json, &transport).await,
             Err(code) => code,
         },
@@ -419,14 +331,14 @@ async fn run(cli: Cli) -> i32 {
                 );
                 return exit::CONFIG;
             }
-            match load(&cli.inventory) {
+            match with_inventory() {
                 Ok(inv) => {
                     commands::approve(&inv, &env, &release, reason, cert.zip(key), json).await
                 }
                 Err(code) => code,
             }
         }
-        Cmd::Dora { env, since, json } => match load(&cli.inventory) {
+        Cmd::Dora { env, since, json } => match with_inventory() {
             Ok(inv) => commands::dora(&inv, &env, since, json, &transport).await,
             Err(code) => code,
         },
@@ -435,11 +347,102 @@ async fn run(cli: Cli) -> i32 {
             limit,
             all,
             json,
-        } => match load(&cli.inventory) {
+        } => match with_inventory() {
             Ok(inv) => commands::audit(&inv, &env, all, limit, json, &transport).await,
             Err(code) => code,
         },
     }
+}
+
+fn pki_command(cmd: PkiCmd) -> i32 {
+    let done = match cmd {
+        PkiCmd::Init { dir, days } => pki::init(&dir, days).map(|files| {
+            format!(
+                "CA created: {} (keep {} secret)",
+                files.cert.display(),
+                files.key.display()
+            )
+        }),
+        PkiCmd::Issue {
+            dir,
+            name,
+            kind,
+            sans,
+            days,
+        } => pki::issue(&dir, &name, kind, &sans, days).map(|files| {
+            format!(
+                "issued {} certificate {}: {} (key {})",
+                match kind {
+                    Kind::Agent => "agent",
+                    Kind::Client => "client",
+                },
+                name,
+                files.cert.display(),
+                files.key.display()
+            )
+        }),
+    };
+    match done {
+        Ok(line) => {
+            println!("{line}");
+            exit::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::CONFIG
+        }
+    }
+}
+
+async fn deploy_command(
+    inventory: &std::path::Path,
+    args: DeployArgs,
+    transport: TransportOptions,
+) -> i32 {
+    if let Some(t) = &args.commit_time
+        && let Err(e) = t.parse::<jiff::Timestamp>()
+    {
+        eprintln!(
+            "error: --commit-time {t:?} is not an RFC 3339 time like 2026-12-01T09:30:00Z: {e}"
+        );
+        return exit::CONFIG;
+    }
+    if args
+        .override_reason
+        .as_deref()
+        .is_some_and(|r| r.trim().is_empty())
+    {
+        eprintln!(
+            "error: --override needs a reason (e.g. --override \"hotfix for INC-123\"): it is audited on every host"
+        );
+        return exit::CONFIG;
+    }
+    let vars = match parse_vars(&args.vars) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::CONFIG;
+        }
+    };
+    let inv = match load(inventory) {
+        Ok(i) => i,
+        Err(code) => return code,
+    };
+    let out = Arc::new(Reporter::new(args.json));
+    let opts = DeployOptions {
+        env: args.env,
+        release: args.release,
+        vars,
+        file: args.file,
+        promote_from: args.promote_from,
+        no_promote: args.no_promote,
+        lease_wait: args.lease_wait,
+        reason: args.reason,
+        transport,
+        override_reason: args.override_reason,
+        commit_time: args.commit_time,
+    };
+    deploy::deploy(&inv, &opts, out).await
 }
 
 #[cfg(test)]

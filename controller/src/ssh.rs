@@ -1,4 +1,4 @@
-//! The SSH transport (issue 5): a russh client that runs `deploy-agent`
+//! The SSH transport: a russh client that runs `deploy-agent`
 //! on a host whose agent cannot be reached over its HTTPS API.
 //!
 //! - **Host keys are always verified** against the inventory's

@@ -40,7 +40,7 @@ pub struct AgentConfig {
     pub allow_host_hooks: bool,
     /// Run the `backup` hook before every `migrate` (production).
     pub backup_before_migrate: bool,
-    // --- the HTTPS API with mutual TLS (issue 4; see `crate::api`) ---
+    // --- the HTTPS API with mutual TLS (see `crate::api`) ---
     /// Where the HTTPS API listens, e.g. `"0.0.0.0:7443"`; absent: no TLS API
     /// (the unix socket only).
     pub api_listen: Option<std::net::SocketAddr>,
@@ -55,7 +55,6 @@ pub struct AgentConfig {
     pub environment: Option<String>,
     /// Client certificate identity (its CN) → `"deployer"` or `"reader"` here.
     pub grants: BTreeMap<String, crate::wire::Role>,
-    // --- end issue 4 ---
     /// `[notify]`: a webhook told of every deploy and rollback (see
     /// `crate::notify`). Absent: no notifications.
     pub notify: Option<NotifyConfig>,

@@ -17,9 +17,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::wire::{
-    ApprovalRecorded, ApprovalRequest, DeployRequest, HistoryEntry, Lease, LockGranted,
-    LockRequest, OperationResult, PullRequest, PullResult, ReleaseInfo, Role, RollbackRequest,
-    StatusReport, UnlockRequest,
+    ApprovalRecorded, ApprovalRequest, DeployRequest, GiveUpLeaseRequest, HistoryEntry, Lease,
+    LeaseGranted, LeaseRequest, OperationResult, PullRequest, PullResult, ReleaseInfo, Role,
+    RollbackRequest, StatusReport,
 };
 use crate::{AuditRecord, Event};
 
@@ -35,10 +35,16 @@ pub enum Op {
     Pull,
     Audit,
     Release,
-    Lock,
-    LockStatus,
-    Renew,
-    Unlock,
+    /// Take (or extend) the environment lease. Its `op` name over SSH is
+    /// `lock`, as before the lease had one name.
+    #[serde(rename = "lock")]
+    TakeLease,
+    #[serde(rename = "lock_status")]
+    LeaseStatus,
+    #[serde(rename = "renew")]
+    RenewLease,
+    #[serde(rename = "unlock")]
+    GiveUpLease,
     Approve,
     Metrics,
 }
@@ -89,6 +95,9 @@ pub struct Spec {
     pub op: Op,
     pub method: Method,
     pub path: &'static str,
+    /// A former path of the operation, still routed to it (and checked
+    /// against the same role).
+    pub alias: Option<&'static str>,
     /// The role an mTLS identity needs (the unix socket trusts its users).
     pub role: Role,
     pub input: Input,
@@ -117,11 +126,17 @@ const fn spec(
         op,
         method,
         path,
+        alias: None,
         role,
         input,
         output,
         over_ssh,
     }
+}
+
+const fn formerly(alias: &'static str, mut spec: Spec) -> Spec {
+    spec.alias = Some(alias);
+    spec
 }
 
 use Input::{Body, Nothing};
@@ -131,77 +146,26 @@ use Role::{Approver, Deployer, Reader};
 
 /// The table. Deny by default: a route not in it needs [`Role::Deployer`]
 /// (and is not found anyway).
+#[rustfmt::skip]
 pub const OPERATIONS: [Spec; 14] = [
-    spec(Op::Ping, Get, "/v1/ping", Reader, Nothing, Text, true),
-    spec(Op::Deploy, Post, "/v1/deploy", Deployer, Body, Events, true),
-    spec(
-        Op::Rollback,
-        Post,
-        "/v1/rollback",
-        Deployer,
-        Body,
-        Events,
-        true,
-    ),
-    spec(
-        Op::Status,
-        Get,
-        "/v1/status",
-        Reader,
-        Input::Query,
-        Json,
-        true,
-    ),
-    spec(
-        Op::History,
-        Get,
-        "/v1/history",
-        Reader,
-        Input::Query,
-        Json,
-        true,
-    ),
-    spec(Op::Pull, Post, "/v1/pull", Deployer, Body, Json, true),
-    spec(
-        Op::Audit,
-        Get,
-        "/v1/audit",
-        Reader,
-        Input::Query,
-        Json,
-        true,
-    ),
-    spec(
-        Op::Release,
-        Get,
-        "/v1/release",
-        Reader,
-        Input::Query,
-        Json,
-        true,
-    ),
-    spec(Op::Lock, Post, "/v1/lock", Deployer, Body, Json, true),
-    spec(Op::LockStatus, Get, "/v1/lock", Reader, Nothing, Json, true),
-    spec(
-        Op::Renew,
-        Post,
-        "/v1/lock/renew",
-        Deployer,
-        Body,
-        Json,
-        true,
-    ),
-    spec(Op::Unlock, Delete, "/v1/lock", Deployer, Body, Json, true),
-    spec(
-        Op::Approve,
-        Post,
-        "/v1/approvals",
-        Approver,
-        Body,
-        Json,
-        false,
-    ),
-    spec(Op::Metrics, Get, "/metrics", Reader, Nothing, Text, false),
+    spec(Op::Ping,        Get,    "/v1/ping",        Reader,   Nothing,      Text,   true),
+    spec(Op::Deploy,      Post,   "/v1/deploy",      Deployer, Body,         Events, true),
+    spec(Op::Rollback,    Post,   "/v1/rollback",    Deployer, Body,         Events, true),
+    spec(Op::Status,      Get,    "/v1/status",      Reader,   Input::Query, Json,   true),
+    spec(Op::History,     Get,    "/v1/history",     Reader,   Input::Query, Json,   true),
+    spec(Op::Pull,        Post,   "/v1/pull",        Deployer, Body,         Json,   true),
+    spec(Op::Audit,       Get,    "/v1/audit",       Reader,   Input::Query, Json,   true),
+    spec(Op::Release,     Get,    "/v1/release",     Reader,   Input::Query, Json,   true),
+    formerly("/v1/lock",
+    spec(Op::TakeLease,   Post,   "/v1/lease",       Deployer, Body,         Json,   true)),
+    formerly("/v1/lock",
+    spec(Op::LeaseStatus, Get,    "/v1/lease",       Reader,   Nothing,      Json,   true)),
+    formerly("/v1/lock/renew",
+    spec(Op::RenewLease,  Post,   "/v1/lease/renew", Deployer, Body,         Json,   true)),
+    formerly("/v1/lock",
+    spec(Op::GiveUpLease, Delete, "/v1/lease",       Deployer, Body,         Json,   true)),
+    spec(Op::Approve,     Post,   "/v1/approvals",   Approver, Body,         Json,   false),
+    spec(Op::Metrics,     Get,    "/metrics",        Reader,   Nothing,      Text,   false),
 ];
 
 impl Op {
@@ -229,10 +193,10 @@ impl Op {
             Op::Pull => "pull",
             Op::Audit => "audit",
             Op::Release => "release",
-            Op::Lock => "lock",
-            Op::LockStatus => "lock_status",
-            Op::Renew => "renew",
-            Op::Unlock => "unlock",
+            Op::TakeLease => "lock",
+            Op::LeaseStatus => "lock_status",
+            Op::RenewLease => "renew",
+            Op::GiveUpLease => "unlock",
             Op::Approve => "approve",
             Op::Metrics => "metrics",
         }
@@ -243,7 +207,7 @@ impl Op {
         let method = if method == "HEAD" { "GET" } else { method };
         OPERATIONS
             .iter()
-            .find(|s| s.path == path && s.method.as_str() == method)
+            .find(|s| (s.path == path || s.alias == Some(path)) && s.method.as_str() == method)
             .map(|s| s.op)
     }
 
@@ -376,10 +340,10 @@ pub mod call {
         Pull: Op::Pull, PullRequest => PullResult;
         Audit: Op::Audit, Query => Vec<AuditRecord>;
         Release: Op::Release, Query => ReleaseInfo;
-        Lock: Op::Lock, LockRequest => LockGranted;
-        LockStatus: Op::LockStatus, () => Option<Lease>;
-        Renew: Op::Renew, LockRequest => Lease;
-        Unlock: Op::Unlock, UnlockRequest => Option<Lease>;
+        TakeLease: Op::TakeLease, LeaseRequest => LeaseGranted;
+        LeaseStatus: Op::LeaseStatus, () => Option<Lease>;
+        RenewLease: Op::RenewLease, LeaseRequest => Lease;
+        GiveUpLease: Op::GiveUpLease, GiveUpLeaseRequest => Option<Lease>;
         Approve: Op::Approve, ApprovalRequest => ApprovalRecorded;
         Metrics: Op::Metrics, () => String;
     }
@@ -399,6 +363,9 @@ mod tests {
             assert!(seen.insert(s.op), "{:?} twice", s.op);
             assert_eq!(s.op.spec(), &s);
             assert_eq!(Op::route(s.method.as_str(), s.path), Some(s.op));
+            if let Some(alias) = s.alias {
+                assert_eq!(Op::route(s.method.as_str(), alias), Some(s.op));
+            }
             let json = serde_json::to_string(&s.op).unwrap();
             assert_eq!(json, format!("\"{}\"", s.op.name()));
         }
@@ -413,6 +380,7 @@ mod tests {
             "/v1/history",
             "/v1/audit",
             "/v1/release",
+            "/v1/lease",
             "/v1/lock",
             "/metrics",
         ] {
@@ -424,6 +392,9 @@ mod tests {
             ("POST", "/v1/deploy"),
             ("POST", "/v1/rollback"),
             ("POST", "/v1/pull"),
+            ("POST", "/v1/lease"),
+            ("POST", "/v1/lease/renew"),
+            ("DELETE", "/v1/lease"),
             ("POST", "/v1/lock"),
             ("POST", "/v1/lock/renew"),
             ("DELETE", "/v1/lock"),
@@ -463,6 +434,6 @@ mod tests {
         assert!(Query::default().check(Op::History).is_err());
         assert!(Query::project("web").check(Op::Release).is_err());
         assert!(q.check(Op::Release).is_ok());
-        assert_eq!(Op::Lock.path_and_query(&q), "/v1/lock");
+        assert_eq!(Op::TakeLease.path_and_query(&q), "/v1/lease");
     }
 }

@@ -56,6 +56,7 @@ impl OperationKind {
 /// remote client can send it; `compose_path` is used for messages and to
 /// resolve relative paths (`env_file`, bind mounts) on the host.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DeployRequest {
     pub project: String,
     pub release: String,
@@ -76,7 +77,7 @@ pub struct DeployRequest {
     /// window on its own (and rolls back by itself if a gate fails).
     #[serde(default)]
     pub no_wait: bool,
-    // --- fleet deploys (deploy-controller, issue 4) ---
+    // --- fleet deploys (deploy-controller) ---
     /// The fleet deployment this belongs to. When an environment lease is
     /// held on the agent (`POST /v1/lock`), only its holder may deploy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -100,6 +101,7 @@ pub struct DeployRequest {
 
 /// A request to put a retained release back.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RollbackRequest {
     pub project: String,
     /// `None`: the previous release.
@@ -287,6 +289,31 @@ pub struct HistoryEntry {
     pub commit_time: Option<String>,
 }
 
+/// How a fleet command (`deploy-controller deploy`, `rollback`) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FleetOutcome {
+    /// Every host serves the target.
+    Succeeded,
+    /// A host failed its gates; every updated host went back to what it ran.
+    RolledBack,
+    /// The hosts do not all run one release (exit 7).
+    Mixed,
+    /// Refused before anything changed (config, gates, pre-pull, lease).
+    Refused,
+}
+
+impl FleetOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FleetOutcome::Succeeded => "succeeded",
+            FleetOutcome::RolledBack => "rolled_back",
+            FleetOutcome::Mixed => "mixed",
+            FleetOutcome::Refused => "refused",
+        }
+    }
+}
+
 /// An error answer from the daemon's API. Build it with [`ApiError::new`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiError {
@@ -312,7 +339,7 @@ impl ApiError {
 }
 
 // ---------------------------------------------------------------------------
-// The fleet API (issue 4): what `deploy-controller` and the agent's HTTPS
+// The fleet API: what `deploy-controller` and the agent's HTTPS
 // API (mutual TLS) exchange besides deploy / rollback / status / history.
 // The same routes answer on the unix socket, where the local user counts as
 // a deployer.
@@ -390,6 +417,7 @@ pub struct Denial {
 /// `POST /v1/pull`: pull and pin every image of a release without changing
 /// anything that runs (the controller's pre-pull).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PullRequest {
     pub project: String,
     pub release: String,
@@ -418,13 +446,14 @@ pub struct PullResult {
 /// `POST /v1/lock` and `POST /v1/lock/renew`: take or extend the
 /// environment lease for `ttl_ms`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LockRequest {
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
     pub deployment_id: String,
     pub ttl_ms: u64,
     /// What the holder is doing, for whoever is refused (e.g. `deploy of v2`).
     #[serde(default)]
     pub purpose: Option<String>,
-    /// SSH fallback (issue 5): the identity (`mtls:<CN>`) that holds this
+    /// SSH fallback: the identity (`mtls:<CN>`) that holds this
     /// deployment's lease and that the caller takes it over from, because
     /// the controller lost the agent's HTTPS API mid-deployment and carries
     /// on over SSH. Honoured only for a caller over SSH and only for the
@@ -436,7 +465,8 @@ pub struct LockRequest {
 
 /// `DELETE /v1/lock`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct UnlockRequest {
+#[serde(deny_unknown_fields)]
+pub struct GiveUpLeaseRequest {
     pub deployment_id: String,
 }
 
@@ -458,7 +488,7 @@ pub struct Lease {
 
 /// The answer to a successful lock request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LockGranted {
+pub struct LeaseGranted {
     pub lease: Lease,
     /// An expired lease of another deployment that this one replaced.
     #[serde(default)]
@@ -481,7 +511,7 @@ pub struct ReleaseInfo {
 }
 
 // ---------------------------------------------------------------------------
-// The SSH transport (issue 5): `deploy-agent serve-stdio`, which
+// The SSH transport: `deploy-agent serve-stdio`, which
 // `deploy-controller` runs over SSH when a host's agent cannot be reached.
 // One request on stdin, JSON lines on stdout (each flushed as it is
 // written), the exit status that of the operation. See docs/ssh.md.
@@ -489,11 +519,12 @@ pub struct ReleaseInfo {
 
 /// What `deploy-agent serve-stdio` reads: one JSON object on one line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StdioRequest {
     pub op: StdioOp,
     /// The op's request, as the HTTPS API takes it: a [`DeployRequest`],
-    /// [`RollbackRequest`], [`PullRequest`], [`LockRequest`],
-    /// [`UnlockRequest`], or a [`StdioQuery`] for reads; `null` for `ping`
+    /// [`RollbackRequest`], [`PullRequest`], [`LeaseRequest`],
+    /// [`GiveUpLeaseRequest`], or a [`StdioQuery`] for reads; `null` for `ping`
     /// and `lock_status`.
     #[serde(default)]
     pub request: serde_json::Value,
@@ -512,6 +543,7 @@ pub type StdioQuery = crate::ops::Query;
 
 /// What the controller says about itself in a `serve-stdio` request.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StdioCaller {
     /// Its identity: the CN of its client certificate, e.g. `ci-production`.
     #[serde(default)]

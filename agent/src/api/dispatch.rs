@@ -135,10 +135,10 @@ impl Api {
                     }
                 }
             }
-            Op::Lock => json(&engine.take_lease(caller, &typed(op, input)?)?),
-            Op::LockStatus => json(&engine.current_lease()?),
-            Op::Renew => json(&engine.renew_lease(caller, &typed(op, input)?)?),
-            Op::Unlock => json(&engine.give_up_lease(caller, &typed(op, input)?)?),
+            Op::TakeLease => json(&engine.take_lease(caller, &typed(op, input)?)?),
+            Op::LeaseStatus => json(&engine.current_lease()?),
+            Op::RenewLease => json(&engine.renew_lease(caller, &typed(op, input)?)?),
+            Op::GiveUpLease => json(&engine.give_up_lease(caller, &typed(op, input)?)?),
             Op::Approve => json(&engine.record_approval(caller, &typed(op, input)?)?),
             Op::Metrics => match &self.metrics {
                 Some(m) => Ok(Answer::Text(m.render().await)),

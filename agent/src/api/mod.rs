@@ -178,10 +178,9 @@ pub fn router(api: Arc<Api>) -> Router {
             Method::Post => MethodFilter::POST,
             Method::Delete => MethodFilter::DELETE,
         };
-        router = router.route(
-            spec.path,
-            on(filter, handle).with_state((api.clone(), spec.op)),
-        );
+        for path in std::iter::once(spec.path).chain(spec.alias) {
+            router = router.route(path, on(filter, handle).with_state((api.clone(), spec.op)));
+        }
     }
     router.layer(DefaultBodyLimit::max(MAX_REQUEST))
 }

@@ -16,8 +16,8 @@ use crate::config::{AgentConfig, environment};
 use crate::store::lease::LeaseError;
 use crate::store::{AuditEntry, Store};
 use crate::wire::{
-    APPROVAL_ACTION, ApprovalRecorded, ApprovalRequest, Lease, LockGranted, LockRequest, Outcome,
-    Query, ReleaseInfo, UnlockRequest,
+    APPROVAL_ACTION, ApprovalRecorded, ApprovalRequest, GiveUpLeaseRequest, Lease, LeaseGranted,
+    LeaseRequest, Outcome, Query, ReleaseInfo,
 };
 
 /// Shortest and longest lease a controller may ask for.
@@ -92,7 +92,7 @@ fn lease_error(e: LeaseError) -> OpError {
         LeaseError::Held(holder) => OpError::new(
             Outcome::Locked,
             format!(
-                "{message}; wait for that deployment to finish, or retry with --lock-wait DURATION"
+                "{message}; wait for that deployment to finish, or retry with --lease-wait DURATION (formerly --lock-wait)"
             ),
         )
         .held_by(Some(holder)),
@@ -135,7 +135,7 @@ impl Engine {
     /// `lock`: take (or extend) the environment lease for `caller`; with
     /// `hand_over_from`, take it over from that identity within the same
     /// deployment (callers over SSH only).
-    pub fn take_lease(&self, caller: &Caller, req: &LockRequest) -> Result<LockGranted, OpError> {
+    pub fn take_lease(&self, caller: &Caller, req: &LeaseRequest) -> Result<LeaseGranted, OpError> {
         let who = caller.to_string();
         let ttl = check_request(&req.deployment_id, Some(req.ttl_ms))?;
         let env = environment(&self.config).to_string();
@@ -213,14 +213,14 @@ impl Engine {
             self.audit_lock(&who, action, detail)?;
             tracing::info!(who = %who, deployment = %req.deployment_id, "{action} for environment {env}");
         }
-        Ok(LockGranted {
+        Ok(LeaseGranted {
             lease: a.lease,
             took_over: a.took_over,
         })
     }
 
     /// `renew`.
-    pub fn renew_lease(&self, caller: &Caller, req: &LockRequest) -> Result<Lease, OpError> {
+    pub fn renew_lease(&self, caller: &Caller, req: &LeaseRequest) -> Result<Lease, OpError> {
         let ttl = check_request(&req.deployment_id, Some(req.ttl_ms))?;
         let env = environment(&self.config);
         self.store
@@ -238,7 +238,7 @@ impl Engine {
     pub fn give_up_lease(
         &self,
         caller: &Caller,
-        req: &UnlockRequest,
+        req: &GiveUpLeaseRequest,
     ) -> Result<Option<Lease>, OpError> {
         check_request(&req.deployment_id, None)?;
         let who = caller.to_string();

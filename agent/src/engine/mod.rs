@@ -221,7 +221,7 @@ impl Engine {
                 req.lock_wait_ms,
             )
             .await?;
-        // issue 4: while a fleet deployment holds the environment lease, only it deploys.
+        // while a fleet deployment holds the environment lease, only it deploys.
         lease::check_lease(&self.store, &self.config, req.deployment_id.as_deref(), who)?;
         self.recover_project(&req.project, ev).await?;
 
@@ -264,44 +264,7 @@ impl Engine {
         };
 
         // Pull and pin every image before anything changes.
-        let mut digests = BTreeMap::new();
-        let mut image_ids = Vec::new();
-        let mut pinned: BTreeMap<String, String> = BTreeMap::new();
-        for svc in &spec.services {
-            if !pinned.contains_key(&svc.image) {
-                emit(
-                    ev,
-                    &req.project,
-                    &req.release,
-                    "pull",
-                    Some(&svc.name),
-                    &format!("pulling {}", svc.image),
-                );
-                // issue 4: a pinned digest (promotion) is pulled as is, never re-resolved.
-                let pinned_ref = req.pinned.get(&svc.name);
-                let pulled = pull::pull_service(
-                    &self.docker,
-                    &self.config,
-                    &svc.name,
-                    &svc.image,
-                    pinned_ref,
-                )
-                .await?;
-                self.store.record_image(
-                    &pulled.image_id,
-                    &pulled.pinned,
-                    pulled.pulled_by_agent,
-                )?;
-                image_ids.push(pulled.image_id.clone());
-                pinned.insert(svc.image.clone(), pulled.pinned);
-            }
-        }
-        for svc in &mut spec.services {
-            if let Some(p) = pinned.get(&svc.image) {
-                svc.image = p.clone();
-                digests.insert(svc.name.clone(), p.clone());
-            }
-        }
+        let (digests, image_ids) = self.pull_and_pin(req, &mut spec, ev).await?;
 
         // A retained release deployed again is rebuilt from this request.
         if self.store.release(&req.project, &req.release)?.is_some() {
@@ -345,6 +308,57 @@ impl Engine {
         self.finish(op_id, &ctx, ending, false, started)
     }
 
+    /// Pulls every image of `spec` and pins it to its digest (a pinned
+    /// digest of the request, promotion, is pulled as is, never
+    /// re-resolved); records the images as the agent's. Returns service
+    /// name → pinned reference, and the image ids.
+    async fn pull_and_pin(
+        &self,
+        req: &DeployRequest,
+        spec: &mut ProjectSpec,
+        ev: &Events,
+    ) -> Result<(BTreeMap<String, String>, Vec<String>), OpError> {
+        let mut digests = BTreeMap::new();
+        let mut image_ids = Vec::new();
+        let mut pinned: BTreeMap<String, String> = BTreeMap::new();
+        for svc in &spec.services {
+            if !pinned.contains_key(&svc.image) {
+                emit(
+                    ev,
+                    &req.project,
+                    &req.release,
+                    "pull",
+                    Some(&svc.name),
+                    &format!("pulling {}", svc.image),
+                );
+                let pinned_ref = req.pinned.get(&svc.name);
+                let pulled = pull::pull_service(
+                    &self.docker,
+                    &self.config,
+                    &svc.name,
+                    &svc.image,
+                    pinned_ref,
+                )
+                .await?;
+                self.store.record_image(
+                    &pulled.image_id,
+                    &pulled.pinned,
+                    pulled.pulled_by_agent,
+                )?;
+                image_ids.push(pulled.image_id.clone());
+                pinned.insert(svc.image.clone(), pulled.pinned);
+            }
+        }
+        for svc in &mut spec.services {
+            if let Some(p) = pinned.get(&svc.image) {
+                svc.image = p.clone();
+                digests.insert(svc.name.clone(), p.clone());
+            }
+        }
+
+        Ok((digests, image_ids))
+    }
+
     // ----- rollback -------------------------------------------------------
 
     pub async fn rollback(
@@ -382,7 +396,7 @@ impl Engine {
         let _lock = self
             .lock(&req.project, &what, who, req.lock_wait_ms)
             .await?;
-        // issue 4: while a fleet deployment holds the environment lease, only it rolls back.
+        // while a fleet deployment holds the environment lease, only it rolls back.
         lease::check_lease(&self.store, &self.config, req.deployment_id.as_deref(), who)?;
         self.recover_project(&req.project, ev).await?;
         let serving = self.store.serving(&req.project)?.unwrap_or_default();
@@ -1079,9 +1093,7 @@ pub(crate) fn emit(
     }));
 }
 
-pub fn now() -> String {
-    jiff::Timestamp::now().to_string()
-}
+pub use deploy_protocol::timestamp::now;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)

@@ -48,7 +48,7 @@ impl Engine {
         first: &crate::docker::ContainerInfo,
     ) -> ProbeResult {
         let result = self.probe_uncounted(container, svc, first).await;
-        crate::metrics::PROBES.record(&svc.deploy.health.probe, &result);
+        crate::health::PROBES.record(&svc.deploy.health.probe, &result);
         result
     }
 

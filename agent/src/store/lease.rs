@@ -1,4 +1,4 @@
-//! The environment lease (issue 4): one deployment per environment at a time.
+//! The environment lease: one deployment per environment at a time.
 //!
 //! `deploy-controller` takes a lease on every host of an environment before
 //! it rolls anything, renews it while it runs, and releases it at the end.
@@ -237,7 +237,7 @@ impl Store {
         }
     }
 
-    // --- SSH fallback (issue 5) -------------------------------------------
+    // --- SSH fallback -------------------------------------------
 
     /// Hands deployment `deployment_id`'s lease from identity `from` to
     /// identity `to`, for `ttl` from `now`: the controller that took the

@@ -257,9 +257,7 @@ pub struct ImageRecord {
 /// Now, as the store writes timestamps: UTC, RFC 3339, exactly three
 /// fractional digits (e.g. `2026-11-03T09:15:02.120Z`). The fixed width makes
 /// string order equal time order.
-pub fn timestamp_now() -> String {
-    format!("{:.3}", jiff::Timestamp::now())
-}
+pub use deploy_protocol::timestamp::now as timestamp_now;
 
 /// The shared SQLite state file. `Send + Sync`: one connection behind a
 /// mutex, because every operation is a short transaction and SQLite

@@ -86,7 +86,7 @@ const MIGRATIONS: &[&str] = &[
         SELECT RAISE(ABORT, 'the audit log is append-only: records cannot be deleted');
     END;
     "#,
-    // v2 (issue 4): the environment lease that deploy-controller takes on
+    // v2: the environment lease that deploy-controller takes on
     // every host of an environment (see `store::lease`). One row per
     // environment; an expired row may be taken over.
     r#"

@@ -1,4 +1,4 @@
-//! Read-only aggregates for the Prometheus metrics (`crate::metrics`).
+//! Read-only aggregates for the Prometheus metrics (`GET /metrics`).
 //!
 //! The counters are derived from the store rather than kept in memory, so
 //! that a restarted or upgraded agent reports the same totals: Prometheus

@@ -38,9 +38,9 @@ use std::time::Duration;
 
 use deploy_protocol::ops::{Call, call};
 use deploy_protocol::{
-    ApiError, ApprovalRecorded, ApprovalRequest, AuditRecord, DeployRequest, Event, HistoryEntry,
-    Lease, LockGranted, LockRequest, OperationResult, Outcome, PullRequest, PullResult, Query,
-    ReleaseInfo, RollbackRequest, StatusReport, UnlockRequest,
+    ApiError, ApprovalRecorded, ApprovalRequest, AuditRecord, DeployRequest, Event,
+    GiveUpLeaseRequest, HistoryEntry, Lease, LeaseGranted, LeaseRequest, OperationResult, Outcome,
+    PullRequest, PullResult, Query, ReleaseInfo, RollbackRequest, StatusReport,
 };
 use serde::Serialize;
 
@@ -181,20 +181,20 @@ impl AgentClient {
         Ok(self.request::<call::Pull>(req, PULL_TIMEOUT).await?.0)
     }
 
-    pub async fn lock(&self, req: &LockRequest) -> Result<LockGranted, CallError> {
-        let (granted, via) = self.request::<call::Lock>(req, CALL_TIMEOUT).await?;
+    pub async fn lock(&self, req: &LeaseRequest) -> Result<LeaseGranted, CallError> {
+        let (granted, via) = self.request::<call::TakeLease>(req, CALL_TIMEOUT).await?;
         if via == Via::Agent {
             self.route.held_over_mtls(req);
         }
         Ok(granted)
     }
 
-    pub async fn renew(&self, req: &LockRequest) -> Result<Lease, CallError> {
-        Ok(self.request::<call::Renew>(req, CALL_TIMEOUT).await?.0)
+    pub async fn renew(&self, req: &LeaseRequest) -> Result<Lease, CallError> {
+        Ok(self.request::<call::RenewLease>(req, CALL_TIMEOUT).await?.0)
     }
 
-    pub async fn unlock(&self, req: &UnlockRequest) -> Result<Option<Lease>, CallError> {
-        let r = self.request::<call::Unlock>(req, CALL_TIMEOUT).await;
+    pub async fn unlock(&self, req: &GiveUpLeaseRequest) -> Result<Option<Lease>, CallError> {
+        let r = self.request::<call::GiveUpLease>(req, CALL_TIMEOUT).await;
         if r.is_ok() {
             self.route.released();
         }

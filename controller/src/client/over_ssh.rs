@@ -100,7 +100,7 @@ impl AgentClient {
                 .as_ref()
                 .map(|i| Caller::mtls(i.clone()).to_string());
             let req = StdioRequest {
-                op: Op::Lock,
+                op: Op::TakeLease,
                 request: to_value(&held),
                 caller: self.caller(),
             };

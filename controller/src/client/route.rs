@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deploy_protocol::ops::Call;
-use deploy_protocol::{Event, LockRequest, Op, OperationResult, ServedBy};
+use deploy_protocol::{Event, LeaseRequest, Op, OperationResult, ServedBy};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -68,8 +68,8 @@ pub(super) struct RouteState {
     pub(super) on_ssh: Option<String>,
     /// The lease this run took over mutual TLS (to hand over if the host
     /// falls back to SSH).
-    pub(super) held: Option<LockRequest>,
-    pub(super) pending_handover: Option<LockRequest>,
+    pub(super) held: Option<LeaseRequest>,
+    pub(super) pending_handover: Option<LeaseRequest>,
     /// A host key accepted as new in this run, not yet told to the agent.
     pub(super) accepted_host_key: Option<String>,
     /// What the last answer over SSH said about the host: `daemon` or
@@ -105,7 +105,7 @@ impl Route {
         }
     }
 
-    pub(super) fn held_over_mtls(&self, req: &LockRequest) {
+    pub(super) fn held_over_mtls(&self, req: &LeaseRequest) {
         self.with_state(|s| s.held = Some(req.clone()));
     }
 
@@ -160,9 +160,7 @@ impl AgentClient {
 
     /// How this host was reached so far.
     pub fn route_report(&self) -> RouteReport {
-        let (on_ssh, served_by) = self
-            .route
-            .with_state(|s| (s.on_ssh.clone(), s.served_by));
+        let (on_ssh, served_by) = self.route.with_state(|s| (s.on_ssh.clone(), s.served_by));
         match (self.route.transport, on_ssh) {
             (Transport::Ssh, None) => RouteReport {
                 transport: "ssh",
