@@ -366,6 +366,22 @@ fn interpolation_error(file: &str, path: &KeyPath, e: InterpolationError) -> Com
             var,
         },
         InterpolationError::Syntax { message } => invalid(file, path, message),
+        InterpolationError::TooDeep { depth } => invalid(
+            file,
+            path,
+            format!(
+                "`${{...}}` is nested {depth} levels deep, over the limit of {} levels: compose files need two or three; write the nested defaults out in full",
+                interpolate::MAX_NESTING
+            ),
+        ),
+        InterpolationError::TooLarge => invalid(
+            file,
+            path,
+            format!(
+                "variable values make the file more than {} MiB longer (all `${{VAR}}` substitutions together): this is far more than a compose file needs; check the `--var` values and how often they are used",
+                interpolate::MAX_SUBSTITUTED_BYTES >> 20
+            ),
+        ),
     }
 }
 

@@ -14,6 +14,9 @@ use crate::spec::{
 /// The top-level `x-deploy` rollout keys: observe, canary, hooks.
 mod rollout;
 
+/// Hostile input and the limits that refuse it.
+mod limits;
+
 const FILE: &str = "deploy/compose.yaml";
 
 fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
