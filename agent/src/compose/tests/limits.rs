@@ -1,9 +1,12 @@
 //! Hostile input: the loader refuses it with a clear message, in bounded
-//! time, memory and stack.
+//! time, memory and stack, and never quotes an env file back.
+
+use std::path::Path;
 
 use super::super::budget::{MAX_DEPTH, MAX_TEXT_BYTES};
+use super::super::envfile;
 use super::super::interpolate::{MAX_NESTING, MAX_SUBSTITUTED_BYTES};
-use super::{FILE, assert_contains, err, err_vars, load_vars, ok};
+use super::{FILE, assert_contains, err, err_vars, load_in, load_vars, ok, vars};
 use crate::compose::ComposeError;
 
 /// `image: "${A:-${A:-...x...}}"`, `depth` levels deep.
@@ -251,4 +254,141 @@ fn compose_text_size_is_limited() {
         &e.to_string(),
         &[FILE, &format!("{} bytes", MAX_TEXT_BYTES + 1), "4 MiB"],
     );
+}
+
+// ---------------------------------------------------------------------------
+// env_file
+// ---------------------------------------------------------------------------
+
+fn env_file_yaml(path: &str) -> String {
+    format!("services:\n  web:\n    image: nginx\n    env_file: {path}\n")
+}
+
+fn env_file_err(path: &str, base_dir: &Path) -> String {
+    match load_in(&env_file_yaml(path), &[], base_dir) {
+        Ok(_) => panic!("{path}: expected an error"),
+        Err(e) => {
+            assert!(matches!(e, ComposeError::EnvFile { .. }), "{e:?}");
+            let msg = e.to_string();
+            assert_contains(&msg, &[FILE, "`services.web.env_file`", path]);
+            msg
+        }
+    }
+}
+
+#[test]
+fn env_file_must_be_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // /dev/zero was read until memory ran out.
+    assert_contains(
+        &env_file_err("/dev/zero", dir.path()),
+        &["is a device", "regular file"],
+    );
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    assert_contains(&env_file_err("sub", dir.path()), &["is a directory"]);
+    // A FIFO blocked the load until someone wrote to it.
+    nix::unistd::mkfifo(
+        &dir.path().join("fifo.env"),
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+    )
+    .unwrap();
+    assert_contains(&env_file_err("fifo.env", dir.path()), &["is a FIFO"]);
+    // A symlink to a regular file is that file.
+    std::fs::write(dir.path().join("real.env"), "A=1\n").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("real.env"), dir.path().join("link.env")).unwrap();
+    let spec = load_in(&env_file_yaml("link.env"), &[], dir.path()).unwrap();
+    assert_eq!(spec.services[0].environment, vars(&[("A", "1")]));
+}
+
+#[test]
+fn env_file_size_is_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = usize::try_from(envfile::MAX_BYTES).unwrap();
+    let at_limit = format!("A={}\n", "v".repeat(limit - 3));
+    assert_eq!(at_limit.len(), limit);
+    std::fs::write(dir.path().join("max.env"), &at_limit).unwrap();
+    let spec = load_in(&env_file_yaml("max.env"), &[], dir.path()).unwrap();
+    assert_eq!(spec.services[0].environment["A"].len(), limit - 3);
+
+    std::fs::write(dir.path().join("big.env"), format!("{at_limit}B")).unwrap();
+    assert_contains(
+        &env_file_err("big.env", dir.path()),
+        &["larger than 1 MiB", "the limit for an env file"],
+    );
+}
+
+#[test]
+fn env_file_errors_never_quote_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file that is not an env file, such as /etc/shadow: its first line
+    // was quoted back in the error, which also goes to the audit log.
+    std::fs::write(
+        dir.path().join("shadow"),
+        "root:$y$j9T$SECRETHASH:20228:0:99999:7:::\ndaemon:*:20228:0:99999:7:::\n",
+    )
+    .unwrap();
+    let msg = env_file_err("shadow", dir.path());
+    assert_contains(&msg, &["line 1", "has no `=`"]);
+    for secret in ["root", "SECRETHASH", "20228", "daemon"] {
+        assert!(!msg.contains(secret), "{secret:?} quoted in: {msg}");
+    }
+
+    for (text, line) in [
+        ("A=1\nSECRET VALUE=2\n", 2),
+        ("A=1\nB=\"SECRET\n", 2),
+        ("A='x' SECRET\n", 1),
+        ("A=1\n\nB=SECRET\0\n", 3),
+    ] {
+        std::fs::write(dir.path().join("bad.env"), text).unwrap();
+        let msg = env_file_err("bad.env", dir.path());
+        assert_contains(&msg, &[&format!("line {line}:")]);
+        assert!(!msg.contains("SECRET"), "{text:?} quoted in: {msg}");
+    }
+
+    std::fs::write(dir.path().join("latin1.env"), b"A=SECRET\nB=caf\xe9\n").unwrap();
+    let msg = env_file_err("latin1.env", dir.path());
+    assert_contains(&msg, &["not UTF-8 text (line 2)"]);
+    assert!(!msg.contains("SECRET"), "{msg}");
+}
+
+#[test]
+fn env_file_values_are_not_variables_and_stay_out_of_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("app.env"),
+        "TAG=SECRET-TAG\nPASSWORD=SECRET\n",
+    )
+    .unwrap();
+    // `${TAG}` is not taken from the env file, and the message about it
+    // says nothing of what the env file holds.
+    let e = load_in(
+        "services:\n  web:\n    image: \"app:${TAG}\"\n    env_file: app.env\n",
+        &[],
+        dir.path(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, ComposeError::UnsetVariable { .. }), "{e:?}");
+    assert!(!e.to_string().contains("SECRET"), "{e}");
+    // An error later in the same service does not quote it either.
+    let e = load_in(
+        "services:\n  web:\n    image: nginx\n    env_file: app.env\n    environment: [PASSWORD]\n",
+        &[],
+        dir.path(),
+    )
+    .unwrap_err();
+    assert_contains(&e.to_string(), &["`PASSWORD` has no value"]);
+    assert!(!e.to_string().contains("SECRET"), "{e}");
+}
+
+#[test]
+fn env_file_may_be_outside_the_compose_directory() {
+    // As in compose: a deployer can bind-mount any host path anyway.
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::write(shared.path().join("shared.env"), "SHARED=1\n").unwrap();
+    let project = tempfile::tempdir_in(shared.path()).unwrap();
+    let absolute = shared.path().join("shared.env");
+    for path in ["../shared.env".to_string(), absolute.display().to_string()] {
+        let spec = load_in(&env_file_yaml(&path), &[], project.path()).unwrap();
+        assert_eq!(spec.services[0].environment, vars(&[("SHARED", "1")]));
+    }
 }
