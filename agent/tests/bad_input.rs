@@ -3,6 +3,9 @@
 //! credentials is exit 3, each with a clear message, while the running
 //! release keeps serving every request and `status` still names it.
 //! Credentials from agent.toml and from $DOCKER_CONFIG/config.json work.
+//! Hostile compose files (deep `${...}` nesting, YAML alias bombs, an
+//! `env_file` that is a secret file) are refused the same way, and the
+//! daemon that loads them stays up.
 
 use std::path::Path;
 use std::time::Duration;
@@ -142,6 +145,70 @@ fn malformed_yaml_is_exit_2() {
     out.expect_code(2);
     assert_outcome(&out, "config_error");
     assert_mentions(&out, "compose-malformed.yml");
+}
+
+#[test]
+fn hostile_compose_files_are_exit_2_and_the_daemon_stays_up() {
+    let mut h = Harness::new(BIN);
+    let port = serve_v1(&h);
+
+    // `${A:-${A:-...}}` 5000 levels deep: this overflowed the daemon's stack.
+    let nested = h.write_file(
+        "compose-nested.yml",
+        &format!(
+            "services:\n  web:\n    image: \"{}x{}\"\n    ports:\n      - \"127.0.0.1:{port}:80\"\n",
+            "${A:-".repeat(5000),
+            "}".repeat(5000)
+        ),
+    );
+    let out = deploy_under_load(&h, port, &nested, "v2", &[]);
+    out.expect_code(2);
+    assert_outcome(&out, "config_error");
+    assert_mentions(&out, "compose-nested.yml");
+    assert_mentions(&out, "services.web.image");
+    assert_mentions(&out, "nested 5000 levels deep");
+    h.assert_daemon_running();
+
+    // 6.6 KB that YAML aliases expand to 72.9 million strings.
+    let strings: Vec<String> = (0..1000).map(|i| format!("s{i}")).collect();
+    let mut bomb = format!("x-a: &a [{}]\n", strings.join(","));
+    for (name, from) in [("b", "a"), ("c", "b"), ("d", "c")] {
+        bomb.push_str(&format!(
+            "x-{name}: &{name} [{}]\n",
+            vec![format!("*{from}"); 9].join(",")
+        ));
+    }
+    bomb.push_str(&format!("x-e: [{}]\n", vec!["*d"; 100].join(",")));
+    bomb.push_str(&Compose::web(port).render());
+    let bomb = h.write_file("compose-aliases.yml", &bomb);
+    let out = h.deploy(PROJECT, &bomb, "v2");
+    out.expect_code(2);
+    assert_outcome(&out, "config_error");
+    assert_mentions(&out, "compose-aliases.yml");
+    assert_mentions(&out, "through YAML aliases");
+    h.assert_daemon_running();
+
+    // An env_file that is not one is refused without quoting it, in the
+    // answer and in the audit log.
+    h.write_file("shadow", "root:$y$j9T$SECRETHASH:20228:0:99999:7:::\n");
+    let secret = h.write_compose(
+        "compose-secret.yml",
+        &Compose::web(port).edit("web", |s| s.extra("env_file: shadow")),
+    );
+    let out = h.deploy(PROJECT, &secret, "v2");
+    out.expect_code(2);
+    assert_outcome(&out, "config_error");
+    assert_mentions(&out, "line 1");
+    assert!(!out.text().contains("SECRETHASH"), "{out}");
+    let audit = serde_json::to_string(&h.audit_export(Some(PROJECT))).unwrap_or_default();
+    assert!(
+        !audit.contains("SECRETHASH"),
+        "the audit log quotes the env file"
+    );
+
+    h.assert_daemon_running();
+    h.assert_current(PROJECT, "v1");
+    h.assert_serving(port, "v1");
 }
 
 #[test]

@@ -14,6 +14,21 @@ use serde_norway::Value;
 
 use super::path::KeyPath;
 
+/// How deeply `${...}` may nest inside defaults, alternatives and messages
+/// (`${A:-${B:-x}}` is two levels). Compose files use two or three; the
+/// limit is there so that a hostile file cannot make the recursion below
+/// exhaust the stack.
+pub(crate) const MAX_NESTING: usize = 32;
+
+/// How many bytes variable values may add to the file, all substitutions
+/// together. `$A` is two bytes of compose text but as long as the value of
+/// `A`: without a budget, a few megabytes of `$A$A$A...` and a long `--var`
+/// would need terabytes.
+pub(crate) const MAX_SUBSTITUTED_BYTES: usize = 16 << 20;
+
+/// How much of the file's own text an error message quotes.
+const EXCERPT_CHARS: usize = 80;
+
 /// Why a string could not be interpolated; the caller adds file and path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum InterpolationError {
@@ -23,6 +38,10 @@ pub(crate) enum InterpolationError {
     Required { var: String, message: String },
     /// Not a valid interpolation expression.
     Syntax { message: String },
+    /// `${...}` nested `depth` levels deep, more than [`MAX_NESTING`].
+    TooDeep { depth: usize },
+    /// Variable values would add more than [`MAX_SUBSTITUTED_BYTES`].
+    TooLarge,
 }
 
 /// Resolves variables and remembers which ones the file used.
@@ -31,6 +50,9 @@ pub(crate) struct Interpolator<'a> {
     vars: &'a BTreeMap<String, String>,
     /// Every variable that was looked up and set, with its value.
     pub(crate) used: BTreeMap<String, String>,
+    /// Bytes added by variable values so far, against
+    /// [`MAX_SUBSTITUTED_BYTES`].
+    substituted: usize,
 }
 
 impl<'a> Interpolator<'a> {
@@ -39,6 +61,7 @@ impl<'a> Interpolator<'a> {
             release,
             vars,
             used: BTreeMap::new(),
+            substituted: 0,
         }
     }
 
@@ -94,6 +117,25 @@ impl<'a> Interpolator<'a> {
 
     /// Interpolates one string.
     pub(crate) fn interpolate(&mut self, s: &str) -> Result<String, InterpolationError> {
+        self.interpolate_at(s, 0)
+    }
+
+    /// Counts a variable's value against [`MAX_SUBSTITUTED_BYTES`].
+    fn substitute(&mut self, value: String) -> Result<String, InterpolationError> {
+        self.substituted = self.substituted.saturating_add(value.len());
+        if self.substituted > MAX_SUBSTITUTED_BYTES {
+            return Err(InterpolationError::TooLarge);
+        }
+        Ok(value)
+    }
+
+    /// Interpolates `s`, found inside `nesting` levels of `${...}`.
+    ///
+    /// Before recursing into an expression, its whole nesting depth is
+    /// measured (without recursion) and refused past [`MAX_NESTING`]: the
+    /// recursion through [`Self::braced`] is then at most that deep, whatever
+    /// the input, including defaults that end up not being evaluated.
+    fn interpolate_at(&mut self, s: &str, nesting: usize) -> Result<String, InterpolationError> {
         let mut out = String::with_capacity(s.len());
         let mut rest = s;
         while let Some(pos) = rest.find('$') {
@@ -106,21 +148,26 @@ impl<'a> Interpolator<'a> {
                 }
                 Some('{') => {
                     let body_and_more = &after[1..];
-                    let end = matching_brace(body_and_more).ok_or_else(|| {
+                    let (end, depth) = matching_brace(body_and_more).ok_or_else(|| {
                         InterpolationError::Syntax {
                             message: format!(
-                                "`${{{body_and_more}` has no closing `}}`: close it, or write `$$` for a literal `$`"
+                                "`${{{}` has no closing `}}`: close it, or write `$$` for a literal `$`",
+                                excerpt(body_and_more)
                             ),
                         }
                     })?;
-                    out.push_str(&self.braced(&body_and_more[..end])?);
+                    let depth = nesting.saturating_add(depth);
+                    if depth > MAX_NESTING {
+                        return Err(InterpolationError::TooDeep { depth });
+                    }
+                    out.push_str(&self.braced(&body_and_more[..end], nesting + 1)?);
                     rest = &body_and_more[end + 1..];
                 }
                 Some(c) if c == '_' || c.is_ascii_alphabetic() => {
                     let len = name_len(after);
                     let name = &after[..len];
                     match self.lookup(name) {
-                        Some(v) => out.push_str(&v),
+                        Some(v) => out.push_str(&self.substitute(v)?),
                         None => {
                             return Err(InterpolationError::Unset {
                                 var: name.to_string(),
@@ -132,7 +179,8 @@ impl<'a> Interpolator<'a> {
                 _ => {
                     return Err(InterpolationError::Syntax {
                         message: format!(
-                            "`$` in `{s}` is not followed by a variable name or `{{`: write `$$` for a literal `$`"
+                            "`$` in `{}` is not followed by a variable name or `{{`: write `$$` for a literal `$`",
+                            excerpt(s)
                         ),
                     });
                 }
@@ -142,8 +190,9 @@ impl<'a> Interpolator<'a> {
         Ok(out)
     }
 
-    /// The inside of `${...}`.
-    fn braced(&mut self, body: &str) -> Result<String, InterpolationError> {
+    /// The inside of `${...}`, itself inside `nesting` levels (counting this
+    /// one).
+    fn braced(&mut self, body: &str, nesting: usize) -> Result<String, InterpolationError> {
         let len = name_len(body);
         let valid_start = body
             .chars()
@@ -152,7 +201,8 @@ impl<'a> Interpolator<'a> {
         if len == 0 || !valid_start {
             return Err(InterpolationError::Syntax {
                 message: format!(
-                    "`${{{body}}}` does not start with a variable name (letters, digits and `_`, not starting with a digit)"
+                    "`${{{}}}` does not start with a variable name (letters, digits and `_`, not starting with a digit)",
+                    excerpt(body)
                 ),
             });
         }
@@ -161,49 +211,53 @@ impl<'a> Interpolator<'a> {
         let value = self.lookup(name);
         let set_nonempty = value.as_deref().is_some_and(|v| !v.is_empty());
         if op.is_empty() {
-            return value.ok_or_else(|| InterpolationError::Unset {
-                var: name.to_string(),
-            });
+            return match value {
+                Some(v) => self.substitute(v),
+                None => Err(InterpolationError::Unset {
+                    var: name.to_string(),
+                }),
+            };
         }
         // Two-character operators first so that `:-` is not read as `:`.
         if let Some(default) = op.strip_prefix(":-") {
             return match value {
-                Some(v) if set_nonempty => Ok(v),
-                _ => self.interpolate(default),
+                Some(v) if set_nonempty => self.substitute(v),
+                _ => self.interpolate_at(default, nesting),
             };
         }
         if let Some(default) = op.strip_prefix('-') {
             return match value {
-                Some(v) => Ok(v),
-                None => self.interpolate(default),
+                Some(v) => self.substitute(v),
+                None => self.interpolate_at(default, nesting),
             };
         }
         if let Some(message) = op.strip_prefix(":?") {
             return match value {
-                Some(v) if set_nonempty => Ok(v),
-                _ => Err(self.required(name, message)),
+                Some(v) if set_nonempty => self.substitute(v),
+                _ => Err(self.required(name, message, nesting)),
             };
         }
         if let Some(message) = op.strip_prefix('?') {
             return match value {
-                Some(v) => Ok(v),
-                None => Err(self.required(name, message)),
+                Some(v) => self.substitute(v),
+                None => Err(self.required(name, message, nesting)),
             };
         }
         if let Some(alternative) = op.strip_prefix(":+") {
             return if set_nonempty {
-                self.interpolate(alternative)
+                self.interpolate_at(alternative, nesting)
             } else {
                 Ok(String::new())
             };
         }
         if let Some(alternative) = op.strip_prefix('+') {
             return if value.is_some() {
-                self.interpolate(alternative)
+                self.interpolate_at(alternative, nesting)
             } else {
                 Ok(String::new())
             };
         }
+        let body = excerpt(body);
         Err(InterpolationError::Syntax {
             message: format!(
                 "`${{{body}}}` is not a supported form: use `${{{name}}}`, `${{{name}:-default}}`, `${{{name}-default}}`, `${{{name}:?message}}` or `${{{name}?message}}`"
@@ -211,12 +265,13 @@ impl<'a> Interpolator<'a> {
         })
     }
 
-    fn required(&mut self, name: &str, message: &str) -> InterpolationError {
+    fn required(&mut self, name: &str, message: &str, nesting: usize) -> InterpolationError {
         // The message may itself reference variables; if it cannot be
         // interpolated, show it as written rather than hide the real error.
-        let message = self
-            .interpolate(message)
-            .unwrap_or_else(|_| message.to_string());
+        let message = match self.interpolate_at(message, nesting) {
+            Ok(m) => excerpt(&m),
+            Err(_) => excerpt(message),
+        };
         InterpolationError::Required {
             var: name.to_string(),
             message,
@@ -231,22 +286,26 @@ fn name_len(s: &str) -> usize {
 }
 
 /// Index of the `}` closing a `${` whose body starts `s`, allowing nested
-/// `${...}` in defaults and `$$` escapes.
-fn matching_brace(s: &str) -> Option<usize> {
+/// `${...}` in defaults and `$$` escapes; and how deeply `${` nests in that
+/// expression (1 for `${A}`, 2 for `${A:-${B}}`). A loop, not recursion: it
+/// measures any depth safely.
+fn matching_brace(s: &str) -> Option<(usize, usize)> {
     let bytes = s.as_bytes();
     let mut depth = 1usize;
+    let mut max_depth = 1usize;
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'$' if bytes.get(i + 1) == Some(&b'$') => i += 2,
             b'$' if bytes.get(i + 1) == Some(&b'{') => {
                 depth += 1;
+                max_depth = max_depth.max(depth);
                 i += 2;
             }
             b'}' => {
                 depth -= 1;
                 if depth == 0 {
-                    return Some(i);
+                    return Some((i, max_depth));
                 }
                 i += 1;
             }
@@ -254,6 +313,15 @@ fn matching_brace(s: &str) -> Option<usize> {
         }
     }
     None
+}
+
+/// `s` for an error message, cut to [`EXCERPT_CHARS`] characters: the file's
+/// own text, but possibly megabytes of it.
+fn excerpt(s: &str) -> String {
+    match s.char_indices().nth(EXCERPT_CHARS) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s.to_string(),
+    }
 }
 
 /// A mapping key as shown in key paths.

@@ -7,7 +7,9 @@
 //!
 //! The pipeline, in order:
 //! 1. check the project and release names and the `--var` variables;
-//! 2. parse the YAML into a tree and expand merge keys (`<<: *common`);
+//! 2. check the text's size, and what its YAML aliases expand to, without
+//!    expanding them (see [`budget`]); parse the YAML into a tree and expand
+//!    merge keys (`<<: *common`);
 //! 3. reject YAML tags and non-string keys, and drop `x-...` extension keys
 //!    (except our `x-deploy`) where compose allows extensions;
 //! 4. interpolate `${VAR}` in every string scalar (see [`interpolate`]);
@@ -21,6 +23,7 @@
 //! `.env` file: the only variables are `RELEASE` and the request's `--var`s,
 //! so that the same request gives the same project on every host.
 
+mod budget;
 mod deploy;
 mod duration;
 mod envfile;
@@ -85,6 +88,44 @@ pub enum ComposeError {
         file: String,
         name: String,
         reason: String,
+    },
+
+    /// The text is longer than [`budget::MAX_TEXT_BYTES`].
+    #[error(
+        "{file}: the compose file is {size} bytes, over the limit of {} MiB: compose files are a few kilobytes; check that this is the compose file",
+        .limit >> 20
+    )]
+    TooLarge {
+        file: String,
+        size: usize,
+        limit: usize,
+    },
+
+    /// YAML aliases would expand the file past a limit; `what` says which.
+    /// Refused before expanding anything.
+    #[error(
+        "{file}: the compose file expands to {what} through YAML aliases (anchors `&x` used as `*x`): it was refused without expanding them; write the repeated parts out, or alias them fewer times"
+    )]
+    AliasExpansion { file: String, what: String },
+
+    /// Mappings and sequences nested deeper than [`budget::MAX_DEPTH`].
+    #[error(
+        "{file}: line {line}: mappings and sequences are nested more than {limit} levels deep: compose files need about eight; flatten the structure"
+    )]
+    TooDeep {
+        file: String,
+        line: u64,
+        limit: usize,
+    },
+
+    /// An alias inside the node its own anchor names.
+    #[error(
+        "{file}: line {line}: the alias `*{anchor}` is inside the node that `&{anchor}` names, so it would repeat forever: alias a node that is already complete"
+    )]
+    RecursiveAlias {
+        file: String,
+        line: u64,
+        anchor: String,
     },
 
     /// The text is not YAML (the message has the line and column).
@@ -174,6 +215,7 @@ fn hint_suffix(hint: &Option<String>) -> String {
 pub fn load(input: &LoadInput<'_>) -> Result<ProjectSpec, ComposeError> {
     let file = input.compose_path;
     check_names(input)?;
+    check_budget(input)?;
 
     let mut tree: Value =
         serde_norway::from_str(input.compose_text).map_err(|source| ComposeError::Yaml {
@@ -265,6 +307,43 @@ fn invalid(file: &str, path: &KeyPath, message: impl Into<String>) -> ComposeErr
         path: path.to_string(),
         message: message.into(),
     }
+}
+
+/// Refuses text that is too long, or whose aliases expand too far or nest
+/// too deep, before it is parsed into a tree (see [`budget`]).
+fn check_budget(input: &LoadInput<'_>) -> Result<(), ComposeError> {
+    let file = input.compose_path.to_string();
+    let size = input.compose_text.len();
+    if size > budget::MAX_TEXT_BYTES {
+        return Err(ComposeError::TooLarge {
+            file,
+            size,
+            limit: budget::MAX_TEXT_BYTES,
+        });
+    }
+    budget::check(input.compose_text).map_err(|refusal| match refusal {
+        budget::Refusal::Nodes => ComposeError::AliasExpansion {
+            file,
+            what: format!("more than {} nodes", budget::MAX_NODES),
+        },
+        budget::Refusal::ScalarBytes => ComposeError::AliasExpansion {
+            file,
+            what: format!("more than {} MiB of text", budget::MAX_SCALAR_BYTES >> 20),
+        },
+        budget::Refusal::Depth { line } => ComposeError::TooDeep {
+            file,
+            line,
+            limit: budget::MAX_DEPTH,
+        },
+        budget::Refusal::RecursiveAlias { line, anchor } => {
+            ComposeError::RecursiveAlias { file, line, anchor }
+        }
+        budget::Refusal::Parser => ComposeError::Invalid {
+            file,
+            path: KeyPath::root().to_string(),
+            message: "the YAML parser could not start (out of memory?): try again".to_string(),
+        },
+    })
 }
 
 fn check_names(input: &LoadInput<'_>) -> Result<(), ComposeError> {
@@ -366,6 +445,22 @@ fn interpolation_error(file: &str, path: &KeyPath, e: InterpolationError) -> Com
             var,
         },
         InterpolationError::Syntax { message } => invalid(file, path, message),
+        InterpolationError::TooDeep { depth } => invalid(
+            file,
+            path,
+            format!(
+                "`${{...}}` is nested {depth} levels deep, over the limit of {} levels: compose files need two or three; write the nested defaults out in full",
+                interpolate::MAX_NESTING
+            ),
+        ),
+        InterpolationError::TooLarge => invalid(
+            file,
+            path,
+            format!(
+                "variable values make the file more than {} MiB longer (all `${{VAR}}` substitutions together): this is far more than a compose file needs; check the `--var` values and how often they are used",
+                interpolate::MAX_SUBSTITUTED_BYTES >> 20
+            ),
+        ),
     }
 }
 

@@ -473,6 +473,16 @@ fn key_values(
     Ok(out)
 }
 
+/// Reads and parses one `env_file`, keeping its text for the release
+/// snapshot.
+///
+/// The path resolves against the compose file's directory and may leave it
+/// (`../shared.env`, `/etc/app/prod.env`), as in compose. Confining it would
+/// protect nothing: whoever may deploy can already bind-mount any host path
+/// into a container. What matters is that a file that is not an env file
+/// gives nothing away: the file must be a regular file of at most
+/// [`envfile::MAX_BYTES`], and no error quotes its contents (see
+/// [`envfile::read`] and [`envfile::parse`]).
 fn read_env_file(
     cx: &mut Cx<'_>,
     path: &KeyPath,
@@ -490,26 +500,7 @@ fn read_env_file(
         ));
     }
     let full = cx.base_dir.join(env_file);
-    let text = match std::fs::read(&full) {
-        Ok(bytes) => String::from_utf8(bytes).map_err(|_| {
-            env_err(format!(
-                "({}) is not UTF-8 text: save it as UTF-8",
-                full.display()
-            ))
-        })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(env_err(format!(
-                "does not exist (looked for {}): create it, or remove it from `env_file`",
-                full.display()
-            )));
-        }
-        Err(e) => {
-            return Err(env_err(format!(
-                "cannot be read ({}): {e}: check its permissions",
-                full.display()
-            )));
-        }
-    };
+    let text = envfile::read(&full).map_err(env_err)?;
     let pairs = envfile::parse(&text)
         .map_err(|(line, message)| env_err(format!("line {line}: {message}")))?;
     cx.env_files.insert(env_file.to_string(), text);

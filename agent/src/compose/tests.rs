@@ -14,6 +14,9 @@ use crate::spec::{
 /// The top-level `x-deploy` rollout keys: observe, canary, hooks.
 mod rollout;
 
+/// Hostile input and the limits that refuse it.
+mod limits;
+
 const FILE: &str = "deploy/compose.yaml";
 
 fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -1035,15 +1038,19 @@ fn env_file_errors() {
         dir.path(),
     )
     .unwrap_err();
+    let msg = e.to_string();
     assert_contains(
-        &e.to_string(),
+        &msg,
         &[
             "`services.web.env_file[0]`",
             "`bad.env`",
             "line 2",
-            "JUSTAKEY=value",
+            "has no `=`",
+            "NAME=value",
         ],
     );
+    // The line itself is not quoted: env files hold secrets.
+    assert!(!msg.contains("JUSTAKEY"), "{msg}");
 }
 
 #[test]
