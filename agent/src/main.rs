@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use deploy_agent::config::{AgentConfig, DEFAULT_CONFIG, DEFAULT_STATE_DIR};
 use deploy_agent::engine::{Engine, OpError};
 use deploy_agent::local::{Local, Reply};
-use deploy_agent::store::{AuditVerification, Store};
+use deploy_agent::store::{AuditHead, AuditVerification, BreakKind, Store, StoreError};
 use deploy_agent::wire::{
     Caller, DeployRequest, Event, HistoryEntry, Op, Outcome, Query, RollbackRequest, StatusReport,
     exit,
@@ -134,8 +134,33 @@ struct RollbackArgs {
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Check the hash chain: detects edited and deleted records.
-    Verify,
+    /// Check the log: the hash chain, the heads, truncation. Detects
+    /// edited, deleted and truncated records; exit 1 when broken.
+    Verify {
+        /// Also check that the log still holds, unchanged, every record up
+        /// to this head (`SEQ HASH`, as `audit head` printed it earlier and
+        /// you kept off the host).
+        #[arg(long, value_name = "HEAD")]
+        anchor: Option<String>,
+        /// The whole report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the current head (`SEQ HASH`): keep it off the host and check
+    /// against it later with `audit verify --anchor`.
+    Head {
+        #[arg(long)]
+        json: bool,
+    },
+    /// After investigating the problems `verify` reports up to record SEQ,
+    /// accept them with an audited record saying who and why (e.g. a
+    /// database restored from a backup).
+    Acknowledge {
+        #[arg(long, value_name = "SEQ")]
+        through: i64,
+        #[arg(long)]
+        reason: String,
+    },
     /// Print records as JSON lines.
     Export {
         #[arg(long)]
@@ -425,16 +450,39 @@ fn audit(state_dir: &Path, cmd: AuditCmd) -> anyhow::Result<i32> {
         Err(code) => return Ok(code),
     };
     match cmd {
-        AuditCmd::Verify => match store.verify_audit()? {
-            AuditVerification::Intact { records, head } => {
-                println!("audit log intact: {records} records, head {head}");
-                Ok(exit::SUCCESS)
+        AuditCmd::Verify { anchor, json } => audit_verify(&store, anchor.as_deref(), json),
+        AuditCmd::Head { json } => {
+            let head = store.audit_head()?;
+            if json {
+                println!("{}", serde_json::to_string(&head)?);
+            } else {
+                println!("{head}");
             }
-            AuditVerification::Broken { seq, reason } => {
-                eprintln!("audit log BROKEN at record {seq}: {reason}");
-                Ok(exit::HEALTH_GATE_FAILED)
+            Ok(exit::SUCCESS)
+        }
+        AuditCmd::Acknowledge { through, reason } => {
+            let who = Caller::unix(api::process_user()).to_string();
+            let ack = match store.acknowledge_audit(&who, through, &reason) {
+                Ok(a) => a,
+                Err(e @ StoreError::AuditAcknowledge { .. }) => {
+                    eprintln!("error: {e}");
+                    return Ok(exit::CONFIG);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(t) = &ack.tamper_record {
+                println!("recorded the heads' disagreement as audit record {}", t.seq);
             }
-        },
+            println!(
+                "acknowledged {} problem(s) in audit record {}:",
+                ack.acknowledged.len(),
+                ack.record.seq
+            );
+            for b in &ack.acknowledged {
+                println!("  record {} ({}): {}", b.seq, b.kind, b.reason);
+            }
+            Ok(exit::SUCCESS)
+        }
         AuditCmd::Export { project } => {
             let mut out = std::io::stdout().lock();
             for r in store.audit(project.as_deref(), usize::MAX)? {
@@ -443,6 +491,69 @@ fn audit(state_dir: &Path, cmd: AuditCmd) -> anyhow::Result<i32> {
             Ok(exit::SUCCESS)
         }
     }
+}
+
+/// `audit verify`: exit 0 intact (acknowledged problems listed), 1 broken,
+/// 2 a malformed anchor.
+fn audit_verify(store: &Store, anchor: Option<&str>, json: bool) -> anyhow::Result<i32> {
+    let report = match anchor {
+        Some(text) => match text.parse::<AuditHead>() {
+            Ok(a) => store.verify_audit_against(&a)?,
+            Err(e) => {
+                eprintln!("error: --anchor: {e}");
+                return Ok(exit::CONFIG);
+            }
+        },
+        None => store.verify_audit_report()?,
+    };
+    let code = if report.is_intact() {
+        exit::SUCCESS
+    } else {
+        exit::HEALTH_GATE_FAILED
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(code);
+    }
+    match report.verification() {
+        AuditVerification::Intact { records, head } => {
+            println!("audit log intact: {records} records, head {head}");
+        }
+        AuditVerification::Broken { .. } => {
+            for b in &report.breaks {
+                eprintln!(
+                    "audit log BROKEN at record {} ({}): {}",
+                    b.seq, b.kind, b.reason
+                );
+            }
+            let acknowledgeable: Vec<i64> = report
+                .breaks
+                .iter()
+                .filter(|b| b.kind != BreakKind::Anchor)
+                .map(|b| b.seq)
+                .collect();
+            if let Some(last) = acknowledgeable.iter().max() {
+                eprintln!(
+                    "once investigated: deploy-agent audit acknowledge --through {last} --reason TEXT"
+                );
+            }
+        }
+    }
+    for a in &report.acknowledged {
+        println!(
+            "  acknowledged: record {} ({}): {}; by {} in record {}{}",
+            a.problem.seq,
+            a.problem.kind,
+            a.problem.reason,
+            a.acknowledged_by,
+            a.acknowledged_in,
+            a.acknowledged_because
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(code)
 }
 
 fn open_store(state_dir: &Path) -> Result<Store, i32> {

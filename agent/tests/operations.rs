@@ -322,6 +322,73 @@ fn audit_verify_detects_a_deleted_record() {
 }
 
 #[test]
+fn audit_head_anchors_and_acknowledge_accepts_an_investigated_break() {
+    let h = Harness::builder(BIN).no_daemon().start();
+    let port = h.free_port();
+    let file = h.write_compose("compose.yml", &Compose::web(port));
+    h.deploy_ok(PROJECT, &file, "v1");
+    let head = h.cli(&["audit", "head"]);
+    head.expect_code(0);
+    let anchor = head.stdout.trim().to_string();
+    let seq: i64 = anchor
+        .split(' ')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("`audit head` must print SEQ HASH:\n{head}"));
+    assert!(seq > 0, "{head}");
+    h.deploy_ok(PROJECT, &file, "v2");
+    // The log grew from the anchor: it still holds it.
+    let v = h.cli(&["audit", "verify", "--anchor", &anchor]);
+    v.expect_code(0);
+    assert!(v.text().contains("audit log intact"), "{v}");
+    h.cli(&["audit", "verify", "--anchor", "not a head"])
+        .expect_code(2);
+
+    let tampered = h.tamper_audit_log(true);
+    let broken = h.audit_verify();
+    broken.expect_code(1);
+    let hint = broken
+        .stderr
+        .lines()
+        .find_map(|l| l.split("acknowledge --through ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            panic!(
+                "verify must say how to acknowledge ({}):\n{broken}",
+                tampered.description
+            )
+        });
+    let ack = h.cli(&[
+        "audit",
+        "acknowledge",
+        "--through",
+        &hint,
+        "--reason",
+        "restored from the nightly backup",
+    ]);
+    ack.expect_code(0);
+    assert!(ack.stdout.contains("acknowledged"), "{ack}");
+    let after = h.audit_verify();
+    after.expect_code(0);
+    assert!(
+        after.text().contains("acknowledged: record")
+            && after.text().contains("restored from the nightly backup"),
+        "verify must list what was accepted, by whom and why:\n{after}"
+    );
+    // Nothing left to acknowledge is an error that changes nothing.
+    h.cli(&[
+        "audit",
+        "acknowledge",
+        "--through",
+        &hint,
+        "--reason",
+        "again",
+    ])
+    .expect_code(2);
+}
+
+#[test]
 fn service_without_ports_deploys_beside_a_web_service() {
     let h = Harness::new(BIN);
     let port = h.free_port();

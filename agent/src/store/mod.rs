@@ -39,7 +39,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::wire::{self, OperationKind, Outcome};
 
-pub use audit::{AuditEntry, AuditRecord, AuditVerification, GENESIS_HASH};
+pub use audit::{
+    ACK_ACTION, AcknowledgedBreak, AuditAcknowledgement, AuditBreak, AuditEntry, AuditHead,
+    AuditRecord, AuditReport, AuditVerification, BreakKind, GENESIS_HASH, InvalidAuditHead,
+    TAMPER_ACTION,
+};
 pub use stats::{DurationBuckets, OperationCount, Refusals};
 
 /// How long a statement waits for another process's write lock before
@@ -126,6 +130,17 @@ pub enum StoreError {
         op: &'static str,
         source: std::io::Error,
     },
+    #[error(
+        "audit action {action:?} was not recorded: actions starting with \"audit.\" are reserved for the audit log's own records; \
+         this is a bug in the caller"
+    )]
+    ReservedAuditAction { action: String },
+    #[error(
+        "nothing was acknowledged: {why}; `deploy-agent audit verify` lists the problems with their record numbers"
+    )]
+    AuditAcknowledge { why: String },
+    #[error("{0}; use a head exactly as `deploy-agent audit head` printed it")]
+    InvalidAuditHead(InvalidAuditHead),
 }
 
 /// The lifecycle of a release as the store sees it.

@@ -104,6 +104,34 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE operations ADD COLUMN commit_time TEXT;
     "#,
+    // v4: the audit log's newest seq and hash inside the database, moved in
+    // the same transaction as every append (see `store::audit`), so that
+    // deleting the newest records, or all of them, leaves it pointing past
+    // the end even when the head file is removed too. A store migrated from
+    // v3 starts from its newest record (or the empty log's genesis head).
+    r#"
+    CREATE TABLE audit_head (
+        id   INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+        seq  INTEGER NOT NULL,
+        hash TEXT NOT NULL
+    ) STRICT;
+    INSERT INTO audit_head (id, seq, hash)
+    SELECT 1,
+           COALESCE((SELECT seq FROM audit ORDER BY seq DESC LIMIT 1), 0),
+           COALESCE((SELECT hash FROM audit ORDER BY seq DESC LIMIT 1),
+                    '0000000000000000000000000000000000000000000000000000000000000000');
+
+    -- Defence in depth only, like the audit table's triggers.
+    CREATE TRIGGER audit_head_forward_only BEFORE UPDATE ON audit_head
+    WHEN NEW.seq <= OLD.seq
+    BEGIN
+        SELECT RAISE(ABORT, 'the audit head only moves forward');
+    END;
+    CREATE TRIGGER audit_head_no_delete BEFORE DELETE ON audit_head
+    BEGIN
+        SELECT RAISE(ABORT, 'the audit head cannot be deleted');
+    END;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -180,5 +208,59 @@ mod tests {
             })
             .unwrap();
         assert_eq!((release.as_str(), commit), ("v1", None));
+    }
+
+    fn at_version(version: usize) -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..version] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", version as i64)
+            .unwrap();
+        conn
+    }
+
+    fn audit_head_row(conn: &Connection) -> (i64, String) {
+        conn.query_row("SELECT seq, hash FROM audit_head", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap()
+    }
+
+    /// A v3 store's audit head starts at its newest record, so the records
+    /// it already has are covered from the upgrade on.
+    #[test]
+    fn v3_stores_migrate_to_v4_with_the_newest_audit_record_as_head() {
+        let mut conn = at_version(3);
+        for (seq, hash) in [(1, "a".repeat(64)), (2, "b".repeat(64))] {
+            conn.execute(
+                "INSERT INTO audit (seq, ts, who, action, detail, prev_hash, hash) \
+                 VALUES (?1, '2026-11-01T00:00:00.000Z', 'alice', 'deploy.started', 'null', '', ?2)",
+                rusqlite::params![seq, hash],
+            )
+            .unwrap();
+        }
+        assert!(migrate(&mut conn).is_ok());
+        assert_eq!(user_version(&conn).unwrap(), SCHEMA_VERSION);
+        assert_eq!(audit_head_row(&conn), (2, "b".repeat(64)));
+        // Only moves forward, and cannot be deleted (by accident).
+        let err = conn
+            .execute("UPDATE audit_head SET seq = 1", [])
+            .unwrap_err();
+        assert!(err.to_string().contains("only moves forward"), "{err}");
+        let err = conn.execute("DELETE FROM audit_head", []).unwrap_err();
+        assert!(err.to_string().contains("cannot be deleted"), "{err}");
+        conn.execute("UPDATE audit_head SET seq = 3, hash = 'c'", [])
+            .unwrap();
+    }
+
+    #[test]
+    fn v3_stores_with_an_empty_audit_log_migrate_to_the_genesis_head() {
+        let mut conn = at_version(3);
+        assert!(migrate(&mut conn).is_ok());
+        assert_eq!(
+            audit_head_row(&conn),
+            (0, crate::store::GENESIS_HASH.to_owned())
+        );
     }
 }

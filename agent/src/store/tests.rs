@@ -726,10 +726,13 @@ fn tamper_deleted_last_record_is_detected_via_head() {
     assert_eq!(seq, 5);
     assert!(reason.contains("records after 4 were deleted"), "{reason}");
 
-    // Appending afterwards must not paper over it: numbering skips the
-    // deleted seq, so verification still reports the hole.
+    // Appending afterwards must not paper over it: the finding is recorded
+    // first (record 6) and numbering skips the deleted seq, so verification
+    // still reports the hole.
     let r = store.append_audit(&entry(9)).unwrap();
-    assert_eq!(r.seq, 6);
+    assert_eq!(r.seq, 7);
+    let marker = &store.audit(None, 2).unwrap()[0];
+    assert_eq!((marker.seq, marker.action.as_str()), (6, TAMPER_ACTION));
     let (seq, reason) = broken(store.verify_audit().unwrap());
     assert_eq!(seq, 5);
     assert!(reason.contains("record 5 was deleted"), "{reason}");
@@ -744,7 +747,8 @@ fn tamper_deleted_everything_is_detected_via_head() {
     conn.execute("DELETE FROM audit", []).unwrap();
     let (seq, reason) = broken(store.verify_audit().unwrap());
     assert_eq!(seq, 1);
-    assert!(reason.contains("records after 0 were deleted"), "{reason}");
+    assert!(reason.contains("truncated"), "{reason}");
+    assert!(reason.contains("records 1 to 2 were deleted"), "{reason}");
 }
 
 #[test]
@@ -760,12 +764,19 @@ fn missing_or_malformed_head_file_is_reported() {
     let (_, reason) = broken(store.verify_audit().unwrap());
     assert!(reason.contains("malformed"), "{reason}");
 
-    // An explicit re-anchor (after a restore) makes it intact again.
-    store.rewrite_audit_head().unwrap();
-    assert!(matches!(
-        store.verify_audit().unwrap(),
-        AuditVerification::Intact { records: 2, .. }
-    ));
+    // An explicit, audited acknowledgement (after checking) makes it intact
+    // again: the finding is recorded, then accepted.
+    let ack = store
+        .acknowledge_audit("root", 3, "head file clobbered by a bad restore script")
+        .unwrap();
+    assert_eq!(ack.tamper_record.as_ref().map(|r| r.seq), Some(3));
+    assert_eq!(ack.record.seq, 4);
+    let report = store.verify_audit_report().unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.records, 4);
+    assert_eq!(report.acknowledged.len(), 1);
+    assert_eq!(report.acknowledged[0].problem.seq, 3);
+    assert_eq!(report.acknowledged[0].acknowledged_by, "root");
 }
 
 #[test]
@@ -847,6 +858,7 @@ fn two_stores_appending_concurrently_form_one_chain() {
         all.iter().filter(|r| r.who == "daemon").count() as u32,
         EACH
     );
+    assert!(all.iter().all(|r| r.action != TAMPER_ACTION));
     let head = std::fs::read_to_string(a.audit_head_path()).unwrap();
     let last = all.last().unwrap();
     assert_eq!(head, format!("{} {}\n", last.seq, last.hash));
@@ -881,4 +893,686 @@ fn store_shared_across_threads() {
     }
     assert_eq!(store.history("web", 100).unwrap().len(), 40);
     assert!(store.open_operations(None).unwrap().is_empty());
+}
+
+// ---- audit: tampering must stay detectable ---------------------------------
+
+/// Removes the delete trigger and deletes the records after `keep`, as
+/// someone with write access to the state directory could.
+fn delete_newest(path: &std::path::Path, keep: i64) {
+    let conn = raw(path);
+    conn.execute_batch("DROP TRIGGER IF EXISTS audit_no_delete")
+        .unwrap();
+    conn.execute("DELETE FROM audit WHERE seq > ?1", [keep])
+        .unwrap();
+}
+
+#[test]
+fn append_does_not_recreate_a_removed_head_file() {
+    let (_dir, _path, store) = fresh();
+    append_n(&store, 3);
+    std::fs::remove_file(store.audit_head_path()).unwrap();
+    assert_eq!(broken(store.verify_audit().unwrap()).0, 4);
+    // The agent's next audited event must not make the log look intact.
+    store.append_audit(&entry(4)).unwrap();
+    let (_, reason) = broken(store.verify_audit().unwrap());
+    assert!(reason.contains("head file"), "{reason}");
+    assert!(reason.contains("missing"), "{reason}");
+}
+
+#[test]
+fn append_after_deleting_the_newest_records_and_the_head_keeps_reporting_it() {
+    let (_dir, path, store) = fresh();
+    append_n(&store, 5);
+    delete_newest(&path, 3);
+    std::fs::remove_file(store.audit_head_path()).unwrap();
+    broken(store.verify_audit().unwrap());
+    store.append_audit(&entry(6)).unwrap();
+    broken(store.verify_audit().unwrap());
+    // Nor after a restart and more events.
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    store.append_audit(&entry(7)).unwrap();
+    broken(store.verify_audit().unwrap());
+}
+
+#[test]
+fn append_does_not_overwrite_a_malformed_or_mismatched_head_file() {
+    let (_dir, _path, store) = fresh();
+    let recs = append_n(&store, 3);
+    std::fs::write(store.audit_head_path(), "garbage\n").unwrap();
+    store.append_audit(&entry(4)).unwrap();
+    let (_, reason) = broken(store.verify_audit().unwrap());
+    assert!(reason.contains("malformed"), "{reason}");
+
+    let (_dir, _path, store) = fresh();
+    append_n(&store, 3);
+    // Record 3's hash is not the one the head file names.
+    std::fs::write(store.audit_head_path(), format!("3 {}\n", recs[0].hash)).unwrap();
+    store.append_audit(&entry(4)).unwrap();
+    let (_, reason) = broken(store.verify_audit().unwrap());
+    assert!(reason.contains("head file"), "{reason}");
+}
+
+#[test]
+fn truncated_log_without_head_file_is_not_intact() {
+    let (_dir, path, store) = fresh();
+    let id = store
+        .begin_operation(&new_op(OperationKind::Deploy, "web", "v1"))
+        .unwrap();
+    append_n(&store, 3);
+    store
+        .finish_operation(id, Outcome::Succeeded, "ok")
+        .unwrap();
+    delete_newest(&path, 0);
+    std::fs::remove_file(store.audit_head_path()).unwrap();
+    let (seq, reason) = broken(store.verify_audit().unwrap());
+    assert_eq!(seq, 1, "{reason}");
+    assert!(reason.contains("truncated"), "{reason}");
+    // Reopening must not recreate an "empty log" head, and appending must
+    // not start a fresh, intact-looking chain.
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    assert!(!store.audit_head_path().exists());
+    let (_, reason) = broken(store.verify_audit().unwrap());
+    assert!(reason.contains("truncated"), "{reason}");
+    store.append_audit(&entry(9)).unwrap();
+    let (seq, reason) = broken(store.verify_audit().unwrap());
+    assert_eq!(seq, 1, "{reason}");
+    assert!(reason.contains("records 1 to 3 were deleted"), "{reason}");
+}
+
+/// Sets the database's audit head as someone covering their tracks would.
+fn forge_db_head(path: &std::path::Path, head: &AuditHead) {
+    let conn = raw(path);
+    conn.execute_batch("DROP TRIGGER IF EXISTS audit_head_forward_only")
+        .unwrap();
+    conn.execute(
+        "UPDATE audit_head SET seq = ?1, hash = ?2",
+        rusqlite::params![head.seq, head.hash],
+    )
+    .unwrap();
+}
+
+/// Makes both heads name the table's newest record: what someone who knows
+/// about them does after deleting records.
+fn forge_heads(store: &Store, path: &std::path::Path) {
+    let head = store.audit_head().unwrap();
+    forge_db_head(path, &head);
+    std::fs::write(store.audit_head_path(), format!("{head}\n")).unwrap();
+}
+
+/// Replaces the log by `recs`, re-chained from the genesis and with both
+/// heads moved: a consistent rewrite that only an anchor can reveal.
+fn rewrite_consistently(store: &Store, path: &std::path::Path, mut recs: Vec<AuditRecord>) {
+    let mut prev = GENESIS_HASH.to_owned();
+    for r in &mut recs {
+        r.prev_hash = prev.clone();
+        r.hash = r.compute_hash();
+        prev = r.hash.clone();
+    }
+    let conn = raw(path);
+    conn.execute_batch("DROP TRIGGER IF EXISTS audit_no_update")
+        .unwrap();
+    for r in &recs {
+        conn.execute(
+            "UPDATE audit SET who = ?2, prev_hash = ?3, hash = ?4 WHERE seq = ?1",
+            rusqlite::params![r.seq, r.who, r.prev_hash, r.hash],
+        )
+        .unwrap();
+    }
+    forge_heads(store, path);
+}
+
+fn actions(store: &Store) -> Vec<(i64, String)> {
+    store
+        .audit(None, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.seq, r.action))
+        .collect()
+}
+
+fn finished_op(store: &Store) {
+    let id = store
+        .begin_operation(&new_op(OperationKind::Deploy, "web", "v1"))
+        .unwrap();
+    store
+        .finish_operation(id, Outcome::Succeeded, "ok")
+        .unwrap();
+}
+
+#[test]
+fn append_records_what_it_found_before_its_own_record() {
+    let (_dir, _path, store) = fresh();
+    append_n(&store, 3);
+    std::fs::remove_file(store.audit_head_path()).unwrap();
+    let r = store.append_audit(&entry(4)).unwrap();
+    assert_eq!(r.seq, 5, "record 4 says what the append found");
+    let recs = store.audit(None, 10).unwrap();
+    let marker = &recs[3];
+    assert_eq!(
+        (marker.seq, marker.who.as_str(), marker.action.as_str()),
+        (4, "agent", TAMPER_ACTION)
+    );
+    let found = marker.reason.as_deref().unwrap();
+    assert!(
+        found.contains("head file") && found.contains("missing"),
+        "{found}"
+    );
+    assert_eq!(marker.detail["found"][0]["kind"], "head_file");
+    assert_eq!(marker.detail["log_ended_at"], format!("3 {}", recs[2].hash));
+    // The heads moved on (to the appended record), so only the record of
+    // the finding is reported now, and appends do not repeat it.
+    let report = store.verify_audit_report().unwrap();
+    assert_eq!(report.breaks.len(), 1, "{report:?}");
+    assert_eq!(report.breaks[0].seq, 4);
+    assert_eq!(report.breaks[0].kind, BreakKind::TamperDetected);
+    store.append_audit(&entry(6)).unwrap();
+    assert_eq!(store.verify_audit_report().unwrap().breaks, report.breaks);
+}
+
+#[test]
+fn heads_covered_up_by_hand_still_leave_the_record_of_the_finding() {
+    // Someone deletes the newest records and sets the database's head to
+    // match, but the head file is gone: the agent's next append records that.
+    let (_dir, path, store) = fresh();
+    append_n(&store, 5);
+    delete_newest(&path, 3);
+    forge_db_head(&path, &store.audit_head().unwrap());
+    std::fs::remove_file(store.audit_head_path()).unwrap();
+    store.append_audit(&entry(6)).unwrap();
+    let (seq, reason) = broken(store.verify_audit().unwrap());
+    assert_eq!(seq, 4);
+    assert!(reason.contains("tampered with"), "{reason}");
+    assert!(reason.contains("missing"), "{reason}");
+}
+
+#[test]
+fn a_lagging_head_file_is_not_tampering() {
+    // A crash between commit and the head file update leaves it behind.
+    let (_dir, _path, store) = fresh();
+    let recs = append_n(&store, 4);
+    std::fs::write(store.audit_head_path(), format!("3 {}\n", recs[2].hash)).unwrap();
+    store.append_audit(&entry(5)).unwrap();
+    assert!(actions(&store).iter().all(|(_, a)| a != TAMPER_ACTION));
+    assert!(store.verify_audit_report().unwrap().is_intact());
+    // Nor is the genesis head after a crash right after the first record.
+    let (_dir, _path, store) = fresh();
+    append_n(&store, 1);
+    std::fs::write(store.audit_head_path(), format!("0 {GENESIS_HASH}\n")).unwrap();
+    assert!(store.verify_audit_report().unwrap().is_intact());
+    append_n(&store, 1);
+    assert_eq!(actions(&store).len(), 2);
+}
+
+#[test]
+fn appending_an_audit_action_is_refused() {
+    let (_dir, _path, store) = fresh();
+    for action in [ACK_ACTION, TAMPER_ACTION, "audit.anything"] {
+        let err = store
+            .append_audit(&AuditEntry::new("mallory", action))
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::ReservedAuditAction { .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("reserved"), "{err}");
+    }
+    assert!(store.audit(None, 10).unwrap().is_empty());
+}
+
+#[test]
+fn empty_log_next_to_finished_operations_is_truncated() {
+    // Both heads reset to the empty log: the operations still tell.
+    let (_dir, path, store) = fresh();
+    finished_op(&store);
+    append_n(&store, 3);
+    delete_newest(&path, 0);
+    forge_heads(&store, &path);
+    let report = store.verify_audit_report().unwrap();
+    assert_eq!(report.breaks.len(), 1, "{report:?}");
+    let b = &report.breaks[0];
+    assert_eq!((b.seq, b.kind), (1, BreakKind::Truncated));
+    assert!(b.reason.contains("1 finished operation"), "{}", b.reason);
+    // The next append records it instead of starting an intact-looking log.
+    store.append_audit(&entry(1)).unwrap();
+    assert_eq!(actions(&store)[0], (1, TAMPER_ACTION.to_owned()));
+    let (seq, reason) = broken(store.verify_audit().unwrap());
+    assert_eq!(seq, 1);
+    assert!(reason.contains("truncated"), "{reason}");
+}
+
+#[test]
+fn an_operation_that_has_not_written_its_first_record_yet_is_not_truncation() {
+    // begin_operation commits just before the operation's first record.
+    let (_dir, _path, store) = fresh();
+    store
+        .begin_operation(&new_op(OperationKind::Deploy, "web", "v1"))
+        .unwrap();
+    assert!(store.verify_audit_report().unwrap().is_intact());
+    store.append_audit(&entry(1)).unwrap();
+    assert_eq!(actions(&store).len(), 1);
+}
+
+#[test]
+fn the_database_head_catches_what_the_file_does_not() {
+    // Deleted row.
+    let (_dir, path, store) = fresh();
+    append_n(&store, 2);
+    let conn = raw(&path);
+    conn.execute_batch("DROP TRIGGER audit_head_no_delete; DELETE FROM audit_head")
+        .unwrap();
+    let (seq, reason) = broken(store.verify_audit().unwrap());
+    assert_eq!(seq, 3);
+    assert!(
+        reason.contains("audit head (table audit_head) was deleted"),
+        "{reason}"
+    );
+    // Appending records that and recreates the row.
+    store.append_audit(&entry(3)).unwrap();
+    let report = store.verify_audit_report().unwrap();
+    assert_eq!(report.breaks.len(), 1, "{report:?}");
+    assert_eq!(report.breaks[0].kind, BreakKind::TamperDetected);
+
+    // A record added behind the store's back, with the head file moved.
+    let (_dir, path, store) = fresh();
+    let recs = append_n(&store, 2);
+    let mut forged = recs[1].clone();
+    forged.seq = 3;
+    forged.prev_hash = recs[1].hash.clone();
+    forged.hash = forged.compute_hash();
+    raw(&path)
+        .execute(
+            "INSERT INTO audit (seq, ts, who, action, project, release, outcome, duration_ms, reason, detail, prev_hash, hash) \
+             SELECT 3, ts, who, action, project, release, outcome, duration_ms, reason, detail, ?1, ?2 FROM audit WHERE seq = 2",
+            [&forged.prev_hash, &forged.hash],
+        )
+        .unwrap();
+    std::fs::write(store.audit_head_path(), format!("3 {}\n", forged.hash)).unwrap();
+    let (seq, reason) = broken(store.verify_audit().unwrap());
+    assert_eq!(seq, 3);
+    assert!(reason.contains("not appended by deploy-agent"), "{reason}");
+}
+
+// ---- audit: acknowledgement ----------------------------------------------
+
+#[test]
+fn acknowledgement_is_audited_and_makes_verify_pass_listing_what_it_accepted() {
+    let (_dir, path, store) = fresh();
+    append_n(&store, 5);
+    delete_newest(&path, 5);
+    raw(&path)
+        .execute("DELETE FROM audit WHERE seq = 3", [])
+        .unwrap();
+    let (seq, _) = broken(store.verify_audit().unwrap());
+    assert_eq!(seq, 3);
+
+    let ack = store
+        .acknowledge_audit(
+            "alice",
+            3,
+            "record 3 deleted by a botched cleanup, see OPS-7",
+        )
+        .unwrap();
+    assert_eq!(ack.tamper_record, None);
+    assert_eq!(ack.acknowledged.len(), 1);
+    assert_eq!(ack.acknowledged[0].kind, BreakKind::Deleted);
+    let r = &ack.record;
+    assert_eq!(
+        (r.seq, r.who.as_str(), r.action.as_str()),
+        (6, "alice", ACK_ACTION)
+    );
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("record 3 deleted by a botched cleanup, see OPS-7")
+    );
+    assert_eq!(r.detail["acknowledged"][0]["seq"], 3);
+    assert_eq!(r.detail["acknowledged"][0]["kind"], "deleted");
+
+    let report = store.verify_audit_report().unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.records, 5);
+    assert_eq!(report.head, store.audit_head().unwrap());
+    let a = &report.acknowledged[0];
+    assert_eq!((a.problem.seq, a.acknowledged_in), (3, 6));
+    assert_eq!(a.acknowledged_by, "alice");
+    assert!(matches!(
+        store.verify_audit().unwrap(),
+        AuditVerification::Intact { records: 5, .. }
+    ));
+    // Exported, it verifies the same way.
+    let exported = store.audit(None, usize::MAX).unwrap();
+    assert_eq!(verify_records(&exported), store.verify_audit().unwrap());
+}
+
+#[test]
+fn acknowledgement_covers_only_what_it_names_as_it_was() {
+    let (_dir, path, store) = fresh();
+    let recs = append_n(&store, 6);
+    delete_newest(&path, 6);
+    let conn = raw(&path);
+    conn.execute("DELETE FROM audit WHERE seq = 3", []).unwrap();
+    store.acknowledge_audit("alice", 3, "accepted").unwrap();
+    assert!(store.verify_audit_report().unwrap().is_intact());
+
+    // The record after the hole pins the acknowledgement: changing it, or
+    // widening the hole, is reported.
+    conn.execute_batch("DROP TRIGGER audit_no_update").unwrap();
+    conn.execute("UPDATE audit SET who = 'mallory' WHERE seq = 4", [])
+        .unwrap();
+    let report = store.verify_audit_report().unwrap();
+    let kinds: Vec<_> = report.breaks.iter().map(|b| (b.seq, b.kind)).collect();
+    assert_eq!(
+        kinds,
+        [(3, BreakKind::Deleted), (4, BreakKind::Modified)],
+        "{report:?}"
+    );
+    conn.execute("UPDATE audit SET who = ?1 WHERE seq = 4", [&recs[3].who])
+        .unwrap();
+    assert!(store.verify_audit_report().unwrap().is_intact());
+    conn.execute("DELETE FROM audit WHERE seq = 4", []).unwrap();
+    let (seq, reason) = broken(store.verify_audit().unwrap());
+    assert_eq!(seq, 3);
+    assert!(reason.contains("records 3 to 4 were deleted"), "{reason}");
+
+    // Deleting the acknowledgement itself brings everything back.
+    let (_dir, path, store) = fresh();
+    append_n(&store, 4);
+    delete_newest(&path, 4);
+    raw(&path)
+        .execute("DELETE FROM audit WHERE seq = 2", [])
+        .unwrap();
+    let ack = store.acknowledge_audit("alice", 2, "accepted").unwrap();
+    append_n(&store, 1);
+    raw(&path)
+        .execute("DELETE FROM audit WHERE seq = ?1", [ack.record.seq])
+        .unwrap();
+    let report = store.verify_audit_report().unwrap();
+    let seqs: Vec<_> = report.breaks.iter().map(|b| b.seq).collect();
+    assert_eq!(seqs, [2, ack.record.seq], "{report:?}");
+    assert!(report.acknowledged.is_empty());
+}
+
+#[test]
+fn acknowledge_refuses_when_there_is_nothing_to_acknowledge() {
+    let (_dir, path, store) = fresh();
+    append_n(&store, 4);
+    let err = store.acknowledge_audit("alice", 4, "why not").unwrap_err();
+    assert!(
+        matches!(err, StoreError::AuditAcknowledge { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("intact"), "{err}");
+
+    delete_newest(&path, 4);
+    raw(&path)
+        .execute("DELETE FROM audit WHERE seq = 3", [])
+        .unwrap();
+    // Not at or before the record given.
+    let err = store.acknowledge_audit("alice", 2, "why not").unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("no problem at or before record 2"), "{msg}");
+    assert!(msg.contains("record 3 was deleted"), "{msg}");
+    // No reason, no one.
+    let err = store.acknowledge_audit("alice", 3, "  ").unwrap_err();
+    assert!(err.to_string().contains("reason is required"), "{err}");
+    let err = store.acknowledge_audit("", 3, "because").unwrap_err();
+    assert!(
+        matches!(err, StoreError::AuditAcknowledge { .. }),
+        "{err:?}"
+    );
+    // Nothing was recorded by the refusals.
+    assert_eq!(store.audit(None, 10).unwrap().len(), 3);
+}
+
+#[test]
+fn a_restored_backup_is_accepted_by_acknowledging_it() {
+    // A database restored from a backup: consistent in itself, but older
+    // than the head file.
+    let (_dir, path, store) = fresh();
+    append_n(&store, 5);
+    delete_newest(&path, 3);
+    forge_db_head(&path, &store.audit_head().unwrap());
+    let (seq, reason) = broken(store.verify_audit().unwrap());
+    assert_eq!(seq, 4);
+    assert!(reason.contains("restored from a backup"), "{reason}");
+
+    let ack = store
+        .acknowledge_audit(
+            "root",
+            4,
+            "restored last night's backup after the disk failed",
+        )
+        .unwrap();
+    // The finding is recorded past the head file's record 5, leaving a hole
+    // (4 to 5) that the acknowledgement names too.
+    let tamper = ack.tamper_record.clone().unwrap();
+    assert_eq!(tamper.seq, 6);
+    let named: Vec<_> = ack.acknowledged.iter().map(|b| (b.seq, b.kind)).collect();
+    assert_eq!(
+        named,
+        [(4, BreakKind::Deleted), (6, BreakKind::TamperDetected)]
+    );
+    let report = store.verify_audit_report().unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.acknowledged.len(), 2);
+    assert_eq!(
+        std::fs::read_to_string(store.audit_head_path()).unwrap(),
+        format!("{}\n", store.audit_head().unwrap())
+    );
+    // Life goes on.
+    store.append_audit(&entry(8)).unwrap();
+    assert!(store.verify_audit_report().unwrap().is_intact());
+}
+
+// ---- audit: anchoring off the host ----------------------------------------
+
+#[test]
+fn audit_head_is_printable_and_parses_back() {
+    let (_dir, _path, store) = fresh();
+    let genesis = store.audit_head().unwrap();
+    assert_eq!(genesis, AuditHead::genesis());
+    assert_eq!(genesis.to_string(), format!("0 {GENESIS_HASH}"));
+    let recs = append_n(&store, 3);
+    let head = store.audit_head().unwrap();
+    assert_eq!(head.seq, 3);
+    assert_eq!(head.hash, recs[2].hash);
+    let printed = head.to_string();
+    assert_eq!(printed, format!("3 {}", recs[2].hash));
+    // What the head file holds, and what parsing gives back.
+    assert_eq!(
+        std::fs::read_to_string(store.audit_head_path()).unwrap(),
+        format!("{printed}\n")
+    );
+    assert_eq!(printed.parse::<AuditHead>().unwrap(), head);
+    assert_eq!(format!("  {printed}\n").parse::<AuditHead>().unwrap(), head);
+    assert_eq!(
+        serde_json::to_value(&head).unwrap(),
+        json!({"seq": 3, "hash": recs[2].hash})
+    );
+    for bad in [
+        "",
+        "3",
+        "three abc",
+        &format!("3 {} extra", head.hash),
+        &format!("-1 {}", head.hash),
+        &format!("0 {}", head.hash),
+        &format!("3 {}", head.hash.to_uppercase()),
+        "3 abc",
+    ] {
+        let err = bad.parse::<AuditHead>().unwrap_err();
+        assert!(err.to_string().contains("is not an audit head"), "{err}");
+    }
+}
+
+#[test]
+fn anchored_verify_accepts_a_log_that_grew_from_the_anchor() {
+    let (_dir, _path, store) = fresh();
+    let genesis = store.audit_head().unwrap();
+    append_n(&store, 3);
+    let anchor = store.audit_head().unwrap();
+    append_n(&store, 2);
+    for a in [&genesis, &anchor, &store.audit_head().unwrap()] {
+        let report = store.verify_audit_against(a).unwrap();
+        assert!(report.is_intact(), "{a}: {report:?}");
+        assert_eq!(report.records, 5);
+    }
+    let err = store
+        .verify_audit_against(&AuditHead {
+            seq: 3,
+            hash: "nope".into(),
+        })
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidAuditHead(_)), "{err:?}");
+    assert!(err.to_string().contains("audit head"), "{err}");
+}
+
+#[test]
+fn anchored_verify_detects_deleted_records_the_heads_no_longer_show() {
+    let (_dir, path, store) = fresh();
+    append_n(&store, 5);
+    let anchor = store.audit_head().unwrap();
+    append_n(&store, 2);
+    // Records 4 to 7 go, and both heads are set to record 3.
+    delete_newest(&path, 3);
+    forge_heads(&store, &path);
+    assert!(store.verify_audit_report().unwrap().is_intact());
+    let report = store.verify_audit_against(&anchor).unwrap();
+    assert_eq!(report.breaks.len(), 1, "{report:?}");
+    let b = &report.breaks[0];
+    assert_eq!((b.seq, b.kind), (4, BreakKind::Anchor));
+    assert!(
+        b.reason.contains("records after 3 were deleted"),
+        "{}",
+        b.reason
+    );
+    assert!(b.reason.contains(&anchor.to_string()), "{}", b.reason);
+    // The same check runs on an exported log.
+    let exported = store.audit(None, usize::MAX).unwrap();
+    assert_eq!(
+        audit::verify_records_report(&exported, Some(&anchor)).breaks,
+        report.breaks
+    );
+}
+
+#[test]
+fn anchored_verify_detects_history_rewritten_before_the_anchor() {
+    let (_dir, path, store) = fresh();
+    let recs = append_n(&store, 5);
+    // The controller kept record 2's head.
+    let anchor = AuditHead {
+        seq: 2,
+        hash: recs[1].hash.clone(),
+    };
+    append_n(&store, 1);
+    let mut recs = store.audit(None, usize::MAX).unwrap();
+    recs[1].who = "mallory".into();
+    rewrite_consistently(&store, &path, recs);
+    // Consistent on the host: only the anchor can tell.
+    assert!(store.verify_audit_report().unwrap().is_intact());
+    let report = store.verify_audit_against(&anchor).unwrap();
+    assert_eq!(report.breaks.len(), 1, "{report:?}");
+    let b = &report.breaks[0];
+    assert_eq!((b.seq, b.kind), (2, BreakKind::Anchor));
+    assert!(
+        b.reason.contains("rewritten up to record 2"),
+        "{}",
+        b.reason
+    );
+}
+
+#[test]
+fn anchored_verify_detects_truncation() {
+    let (_dir, path, store) = fresh();
+    append_n(&store, 3);
+    let anchor = store.audit_head().unwrap();
+    // Everything goes, the heads are reset, and there are no operations to
+    // give it away.
+    delete_newest(&path, 0);
+    forge_heads(&store, &path);
+    assert!(store.verify_audit_report().unwrap().is_intact());
+    let report = store.verify_audit_against(&anchor).unwrap();
+    assert_eq!(report.breaks.len(), 1, "{report:?}");
+    let b = &report.breaks[0];
+    assert_eq!((b.seq, b.kind), (1, BreakKind::Anchor));
+    assert!(b.reason.contains("truncated"), "{}", b.reason);
+}
+
+#[test]
+fn anchored_verify_reports_problems_acknowledged_after_the_anchor() {
+    let (_dir, path, store) = fresh();
+    append_n(&store, 4);
+    let anchor = store.audit_head().unwrap();
+    delete_newest(&path, 4);
+    raw(&path)
+        .execute("DELETE FROM audit WHERE seq = 2", [])
+        .unwrap();
+    store
+        .acknowledge_audit("mallory", 2, "nothing to see here")
+        .unwrap();
+    assert!(store.verify_audit_report().unwrap().is_intact());
+    // The anchored records are not what was anchored any more.
+    let report = store.verify_audit_against(&anchor).unwrap();
+    assert_eq!(report.breaks.len(), 1, "{report:?}");
+    assert_eq!(
+        (report.breaks[0].seq, report.breaks[0].kind),
+        (2, BreakKind::Anchor)
+    );
+    assert!(report.breaks[0].reason.contains("acknowledged in record 5"));
+    assert!(report.acknowledged.is_empty());
+    // An anchor taken after the acknowledgement accepts it.
+    let later = store.audit_head().unwrap();
+    let report = store.verify_audit_against(&later).unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.acknowledged.len(), 1);
+}
+
+#[test]
+fn v3_store_with_audit_records_verifies_after_the_upgrade() {
+    let (_dir, path, store) = fresh();
+    append_n(&store, 3);
+    drop(store);
+    // What a v3 store looks like: no audit_head table.
+    raw(&path)
+        .execute_batch("DROP TABLE audit_head; PRAGMA user_version = 3;")
+        .unwrap();
+    let store = Store::open(&path).unwrap();
+    assert!(matches!(
+        store.verify_audit().unwrap(),
+        AuditVerification::Intact { records: 3, .. }
+    ));
+    store.append_audit(&entry(4)).unwrap();
+    assert_eq!(actions(&store).len(), 4);
+    assert!(store.verify_audit_report().unwrap().is_intact());
+}
+
+#[test]
+fn an_acknowledged_relink_does_not_hide_a_later_edit_of_the_record_before_it() {
+    let (_dir, path, store) = fresh();
+    let recs = append_n(&store, 4);
+    let conn = raw(&path);
+    conn.execute_batch("DROP TRIGGER audit_no_update").unwrap();
+    // Record 2 edited and given a self-consistent hash: record 3 no longer
+    // follows it.
+    let edit = |who: &str| {
+        let mut r2 = recs[1].clone();
+        r2.who = who.into();
+        r2.hash = r2.compute_hash();
+        conn.execute(
+            "UPDATE audit SET who = ?1, hash = ?2 WHERE seq = 2",
+            [&r2.who, &r2.hash],
+        )
+        .unwrap();
+    };
+    edit("mallory");
+    let (seq, _) = broken(store.verify_audit().unwrap());
+    assert_eq!(seq, 3);
+    store.acknowledge_audit("alice", 3, "accepted").unwrap();
+    assert!(store.verify_audit_report().unwrap().is_intact());
+    // Edited again, the same way: not covered by the acknowledgement.
+    edit("eve");
+    let (seq, reason) = broken(store.verify_audit().unwrap());
+    assert_eq!(seq, 3);
+    assert!(reason.contains("prev_hash mismatch"), "{reason}");
 }
