@@ -499,222 +499,16 @@ impl Inventory {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Inventory, InventoryError> {
-        let invalid = |message: String| InventoryError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        };
-        let raw: RawInventory = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        let base = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
+        let r = Reader::new(path);
+        let raw: RawInventory = toml::from_str(text).map_err(|e| r.invalid(e.to_string()))?;
         if raw.environments.is_empty() {
-            return Err(invalid(
-                "no environments: add at least one [environments.NAME] table".into(),
-            ));
+            return Err(
+                r.invalid("no environments: add at least one [environments.NAME] table".into())
+            );
         }
         let mut environments = BTreeMap::new();
         for (name, e) in &raw.environments {
-            let at = format!("environments.{name}");
-            if !valid_name(name) {
-                return Err(invalid(format!(
-                    "`{at}`: the name must be 1-64 characters of letters, digits, `-`, `_` and `.`"
-                )));
-            }
-            // No client certificate: the environment is reached over SSH only.
-            let tls = e
-                .tls
-                .clone()
-                .or_else(|| raw.tls.clone())
-                .map(|tls| TlsFiles {
-                    ca: resolve(&tls.ca),
-                    cert: resolve(&tls.cert),
-                    key: resolve(&tls.key),
-                });
-            if e.hosts.is_empty() {
-                return Err(invalid(format!(
-                    "`{at}` has no hosts: add [[{at}.hosts]] with name and agent"
-                )));
-            }
-            let mut hosts: Vec<Host> = Vec::new();
-            for (i, h) in e.hosts.iter().enumerate() {
-                let hat = format!("{at}.hosts[{i}]");
-                if !valid_name(&h.name) {
-                    return Err(invalid(format!(
-                        "`{hat}.name` {:?} must be 1-64 characters of letters, digits, `-`, `_` and `.`",
-                        h.name
-                    )));
-                }
-                if hosts.iter().any(|x| x.name == h.name) {
-                    return Err(invalid(format!(
-                        "`{hat}.name`: host {} is listed twice in {at}",
-                        h.name
-                    )));
-                }
-                let agent = normalize_agent(&h.agent)
-                    .map_err(|m| invalid(format!("`{hat}.agent` {:?}: {m}", h.agent)))?;
-                // the host's ssh table over the environment's.
-                let ssh = match (&h.ssh, &e.ssh) {
-                    (None, None) => None,
-                    (host_ssh, env_ssh) => {
-                        let merged = host_ssh
-                            .clone()
-                            .unwrap_or_default()
-                            .over(&env_ssh.clone().unwrap_or_default());
-                        let sat = if h.ssh.is_some() {
-                            format!("{hat}.ssh")
-                        } else {
-                            format!("{at}.ssh")
-                        };
-                        Some(ssh_settings(&merged, &agent, &sat, &resolve).map_err(invalid)?)
-                    }
-                };
-                if tls.is_none() && ssh.is_none() {
-                    return Err(invalid(format!(
-                        "`{hat}` (host {}) cannot be reached: `{at}` has no client certificate for the agents' HTTPS API \
-                         and the host has no `ssh` table; add `[{at}.tls]` (or a top-level `[tls]`) with ca, cert and key \
-                         (`deploy-controller pki issue --kind client` makes them), or an `ssh` table to the host or the environment",
-                        h.name
-                    )));
-                }
-                hosts.push(Host {
-                    name: h.name.clone(),
-                    agent,
-                    vars: h.vars.clone(),
-                    ssh,
-                });
-            }
-            let duration =
-                |key: &str, v: &Option<String>| -> Result<Option<Duration>, InventoryError> {
-                    v.as_ref()
-                        .map(|s| {
-                            humantime::parse_duration(s).map_err(|err| {
-                            invalid(format!(
-                                "`{at}.{key}` {s:?} is not a duration like \"30s\" or \"5m\": {err}"
-                            ))
-                        })
-                        })
-                        .transpose()
-                };
-            let observation = duration("observation", &e.observation)?;
-            let connect_timeout =
-                duration("connect_timeout", &e.connect_timeout)?.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-            if connect_timeout < Duration::from_millis(100) {
-                return Err(invalid(format!(
-                    "`{at}.connect_timeout` must be at least 100ms"
-                )));
-            }
-            let install = e.install.as_ref().map(|i| {
-                let path = |p: &Option<String>| {
-                    p.as_ref()
-                        .map(|p| resolve(Path::new(p)).display().to_string())
-                };
-                InstallSettings {
-                    agent_toml: path(&i.agent_toml),
-                    tls_cert: path(&i.tls_cert),
-                    tls_key: path(&i.tls_key),
-                    tls_ca: path(&i.tls_ca),
-                    binary: path(&i.binary),
-                    deb: path(&i.deb),
-                    root: i.root.clone().unwrap_or_else(|| "/".into()),
-                    sudo: i.sudo.unwrap_or(false),
-                }
-            });
-            if let Some(i) = &install {
-                if i.binary.is_some() && i.deb.is_some() {
-                    return Err(invalid(format!(
-                        "`{at}.install` sets both `binary` and `deb`: install one or the other"
-                    )));
-                }
-                if !i.root.starts_with('/') {
-                    return Err(invalid(format!(
-                        "`{at}.install.root` {:?} must be an absolute path",
-                        i.root
-                    )));
-                }
-            }
-            let lock_ttl = duration("lock_ttl", &e.lock_ttl)?.unwrap_or(DEFAULT_LOCK_TTL);
-            if lock_ttl < Duration::from_secs(1) {
-                return Err(invalid(format!(
-                    "`{at}.lock_ttl` must be at least 1s (the lease is renewed every third of it)"
-                )));
-            }
-            let pause = duration("strategy.pause", &e.strategy.pause)?.unwrap_or_default();
-            let canary = match &e.strategy.canary {
-                None => Canary::Count(1),
-                Some(CanaryValue::Count(n)) => Canary::Count(*n),
-                Some(CanaryValue::Hosts(names)) => {
-                    for n in names {
-                        if !hosts.iter().any(|h| &h.name == n) {
-                            return Err(invalid(format!(
-                                "`{at}.strategy.canary` names host {n:?}, which is not among the hosts of {at}"
-                            )));
-                        }
-                    }
-                    Canary::Hosts(names.clone())
-                }
-            };
-            let batch = match &e.strategy.batch {
-                None => Batch::Count(1),
-                Some(BatchValue::Count(0)) => {
-                    return Err(invalid(format!(
-                        "`{at}.strategy.batch` must be at least 1 (or a percentage like \"50%\")"
-                    )));
-                }
-                Some(BatchValue::Count(n)) => Batch::Count(*n),
-                Some(BatchValue::Text(t)) => parse_batch(t)
-                    .map_err(|m| invalid(format!("`{at}.strategy.batch` {t:?}: {m}")))?,
-            };
-            if let Some(src) = &e.promote_from {
-                if src == name {
-                    return Err(invalid(format!(
-                        "`{at}.promote_from` names the environment itself"
-                    )));
-                }
-                if !raw.environments.contains_key(src) {
-                    return Err(invalid(format!(
-                        "`{at}.promote_from` names environment {src:?}, which is not in the inventory"
-                    )));
-                }
-            }
-            let policy = match &e.policy {
-                None => None,
-                Some(p) => Some(policy_of(p, &at, e.promote_from.is_some()).map_err(invalid)?),
-            };
-            let project = e.project.clone();
-            if project.is_empty() {
-                return Err(invalid(format!("`{at}.project` is empty")));
-            }
-            environments.insert(
-                name.clone(),
-                Environment {
-                    name: name.clone(),
-                    project,
-                    compose: resolve(&e.compose),
-                    tls,
-                    promote_from: e.promote_from.clone(),
-                    observation,
-                    lock_ttl,
-                    vars: e.vars.clone(),
-                    strategy: Strategy {
-                        canary,
-                        batch,
-                        pause,
-                        max_failed: e.strategy.max_failed.unwrap_or(0),
-                    },
-                    hosts,
-                    connect_timeout,
-                    install,
-                    policy,
-                },
-            );
+            environments.insert(name.clone(), r.environment(&raw, name, e)?);
         }
         Ok(Inventory {
             path: path.to_path_buf(),
@@ -861,6 +655,281 @@ fn parse_batch(t: &str) -> Result<Batch, String> {
             Err("give a number of hosts (at least 1) or a percentage like \"25%\"".into())
         }
         Ok(n) => Ok(Batch::Count(n)),
+    }
+}
+
+/// Reads deploy.toml's tables into checked settings; every error names the
+/// file and the key.
+struct Reader<'a> {
+    path: &'a Path,
+    /// Relative paths are relative to the inventory's directory.
+    base: PathBuf,
+}
+
+impl<'a> Reader<'a> {
+    fn new(path: &'a Path) -> Reader<'a> {
+        Reader {
+            path,
+            base: path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from(".")),
+        }
+    }
+
+    fn invalid(&self, message: String) -> InventoryError {
+        InventoryError::Invalid {
+            path: self.path.to_path_buf(),
+            message,
+        }
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    /// One `[environments.NAME]` table.
+    fn environment(
+        &self,
+        raw: &RawInventory,
+        name: &String,
+        e: &RawEnvironment,
+    ) -> Result<Environment, InventoryError> {
+        let invalid = |m: String| self.invalid(m);
+        let resolve = |p: &Path| self.resolve(p);
+        let at = format!("environments.{name}");
+        if !valid_name(name) {
+            return Err(invalid(format!(
+                "`{at}`: the name must be 1-64 characters of letters, digits, `-`, `_` and `.`"
+            )));
+        }
+        // No client certificate: the environment is reached over SSH only.
+        let tls = e
+            .tls
+            .clone()
+            .or_else(|| raw.tls.clone())
+            .map(|tls| TlsFiles {
+                ca: resolve(&tls.ca),
+                cert: resolve(&tls.cert),
+                key: resolve(&tls.key),
+            });
+        if e.hosts.is_empty() {
+            return Err(invalid(format!(
+                "`{at}` has no hosts: add [[{at}.hosts]] with name and agent"
+            )));
+        }
+        let hosts = self.hosts(&at, e, tls.is_some())?;
+        let duration =
+            |key: &str, v: &Option<String>| -> Result<Option<Duration>, InventoryError> {
+                v.as_ref()
+                    .map(|s| {
+                        humantime::parse_duration(s).map_err(|err| {
+                            invalid(format!(
+                                "`{at}.{key}` {s:?} is not a duration like \"30s\" or \"5m\": {err}"
+                            ))
+                        })
+                    })
+                    .transpose()
+            };
+        let observation = duration("observation", &e.observation)?;
+        let connect_timeout =
+            duration("connect_timeout", &e.connect_timeout)?.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        if connect_timeout < Duration::from_millis(100) {
+            return Err(invalid(format!(
+                "`{at}.connect_timeout` must be at least 100ms"
+            )));
+        }
+        let install = self.install(&at, e)?;
+        let lock_ttl = duration("lock_ttl", &e.lock_ttl)?.unwrap_or(DEFAULT_LOCK_TTL);
+        if lock_ttl < Duration::from_secs(1) {
+            return Err(invalid(format!(
+                "`{at}.lock_ttl` must be at least 1s (the lease is renewed every third of it)"
+            )));
+        }
+        let pause = duration("strategy.pause", &e.strategy.pause)?.unwrap_or_default();
+        let strategy = self.strategy(&at, e, &hosts, pause)?;
+        if let Some(src) = &e.promote_from {
+            if src == name {
+                return Err(invalid(format!(
+                    "`{at}.promote_from` names the environment itself"
+                )));
+            }
+            if !raw.environments.contains_key(src) {
+                return Err(invalid(format!(
+                    "`{at}.promote_from` names environment {src:?}, which is not in the inventory"
+                )));
+            }
+        }
+        let policy = match &e.policy {
+            None => None,
+            Some(p) => Some(policy_of(p, &at, e.promote_from.is_some()).map_err(invalid)?),
+        };
+        let project = e.project.clone();
+        if project.is_empty() {
+            return Err(invalid(format!("`{at}.project` is empty")));
+        }
+        Ok(Environment {
+            name: name.clone(),
+            project,
+            compose: resolve(&e.compose),
+            tls,
+            promote_from: e.promote_from.clone(),
+            observation,
+            lock_ttl,
+            vars: e.vars.clone(),
+            strategy,
+            hosts,
+            connect_timeout,
+            install,
+            policy,
+        })
+    }
+
+    /// `[environments.E.install]`: what `deploy-controller install` copies.
+    fn install(
+        &self,
+        at: &str,
+        e: &RawEnvironment,
+    ) -> Result<Option<InstallSettings>, InventoryError> {
+        let invalid = |m: String| self.invalid(m);
+        let resolve = |p: &Path| self.resolve(p);
+        let install = e.install.as_ref().map(|i| {
+            let path = |p: &Option<String>| {
+                p.as_ref()
+                    .map(|p| resolve(Path::new(p)).display().to_string())
+            };
+            InstallSettings {
+                agent_toml: path(&i.agent_toml),
+                tls_cert: path(&i.tls_cert),
+                tls_key: path(&i.tls_key),
+                tls_ca: path(&i.tls_ca),
+                binary: path(&i.binary),
+                deb: path(&i.deb),
+                root: i.root.clone().unwrap_or_else(|| "/".into()),
+                sudo: i.sudo.unwrap_or(false),
+            }
+        });
+        if let Some(i) = &install {
+            if i.binary.is_some() && i.deb.is_some() {
+                return Err(invalid(format!(
+                    "`{at}.install` sets both `binary` and `deb`: install one or the other"
+                )));
+            }
+            if !i.root.starts_with('/') {
+                return Err(invalid(format!(
+                    "`{at}.install.root` {:?} must be an absolute path",
+                    i.root
+                )));
+            }
+        }
+        Ok(install)
+    }
+
+    /// `[environments.E.strategy]`: canary, batches, pause.
+    fn strategy(
+        &self,
+        at: &str,
+        e: &RawEnvironment,
+        hosts: &[Host],
+        pause: Duration,
+    ) -> Result<Strategy, InventoryError> {
+        let invalid = |m: String| self.invalid(m);
+        let canary = match &e.strategy.canary {
+            None => Canary::Count(1),
+            Some(CanaryValue::Count(n)) => Canary::Count(*n),
+            Some(CanaryValue::Hosts(names)) => {
+                for n in names {
+                    if !hosts.iter().any(|h| &h.name == n) {
+                        return Err(invalid(format!(
+                            "`{at}.strategy.canary` names host {n:?}, which is not among the hosts of {at}"
+                        )));
+                    }
+                }
+                Canary::Hosts(names.clone())
+            }
+        };
+        let batch = match &e.strategy.batch {
+            None => Batch::Count(1),
+            Some(BatchValue::Count(0)) => {
+                return Err(invalid(format!(
+                    "`{at}.strategy.batch` must be at least 1 (or a percentage like \"50%\")"
+                )));
+            }
+            Some(BatchValue::Count(n)) => Batch::Count(*n),
+            Some(BatchValue::Text(t)) => {
+                parse_batch(t).map_err(|m| invalid(format!("`{at}.strategy.batch` {t:?}: {m}")))?
+            }
+        };
+        Ok(Strategy {
+            canary,
+            batch,
+            pause,
+            max_failed: e.strategy.max_failed.unwrap_or(0),
+        })
+    }
+
+    /// The hosts of an environment, each reachable over HTTPS or SSH.
+    fn hosts(
+        &self,
+        at: &str,
+        e: &RawEnvironment,
+        has_tls: bool,
+    ) -> Result<Vec<Host>, InventoryError> {
+        let invalid = |m: String| self.invalid(m);
+        let resolve = |p: &Path| self.resolve(p);
+        let mut hosts: Vec<Host> = Vec::new();
+        for (i, h) in e.hosts.iter().enumerate() {
+            let hat = format!("{at}.hosts[{i}]");
+            if !valid_name(&h.name) {
+                return Err(invalid(format!(
+                    "`{hat}.name` {:?} must be 1-64 characters of letters, digits, `-`, `_` and `.`",
+                    h.name
+                )));
+            }
+            if hosts.iter().any(|x| x.name == h.name) {
+                return Err(invalid(format!(
+                    "`{hat}.name`: host {} is listed twice in {at}",
+                    h.name
+                )));
+            }
+            let agent = normalize_agent(&h.agent)
+                .map_err(|m| invalid(format!("`{hat}.agent` {:?}: {m}", h.agent)))?;
+            // the host's ssh table over the environment's.
+            let ssh = match (&h.ssh, &e.ssh) {
+                (None, None) => None,
+                (host_ssh, env_ssh) => {
+                    let merged = host_ssh
+                        .clone()
+                        .unwrap_or_default()
+                        .over(&env_ssh.clone().unwrap_or_default());
+                    let sat = if h.ssh.is_some() {
+                        format!("{hat}.ssh")
+                    } else {
+                        format!("{at}.ssh")
+                    };
+                    Some(ssh_settings(&merged, &agent, &sat, &resolve).map_err(invalid)?)
+                }
+            };
+            if !has_tls && ssh.is_none() {
+                return Err(invalid(format!(
+                    "`{hat}` (host {}) cannot be reached: `{at}` has no client certificate for the agents' HTTPS API \
+                     and the host has no `ssh` table; add `[{at}.tls]` (or a top-level `[tls]`) with ca, cert and key \
+                     (`deploy-controller pki issue --kind client` makes them), or an `ssh` table to the host or the environment",
+                    h.name
+                )));
+            }
+            hosts.push(Host {
+                name: h.name.clone(),
+                agent,
+                vars: h.vars.clone(),
+                ssh,
+            });
+        }
+        Ok(hosts)
     }
 }
 
