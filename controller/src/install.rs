@@ -507,83 +507,98 @@ async fn install_host(
         }
     }
     let changed = !result.copied.is_empty();
-    // The service.
-    if inst.root != "/" {
-        result.service = format!(
-            "not started: installed under install.root {} (a staging directory)",
-            inst.root
-        );
-    } else if opts.no_start {
-        result.service = "not started (--no-start)".into();
-    } else {
-        let systemd = remote
-            .run(
-                "checking for systemd",
-                "[ -d /run/systemd/system ] && echo yes || echo no",
-                &[],
-            )
-            .await
-            .map(|o| o.trim() == "yes");
-        match systemd {
-            Err(e) => return fail(result, exit::ENVIRONMENT, e),
-            Ok(false) => {
-                result.service = "not started: the host does not run systemd".into();
-                return fail(
-                    result,
-                    exit::ENVIRONMENT,
-                    format!(
-                        "host {}: the files are installed, but the service could not be started: the host does not run systemd \
-                         (no /run/systemd/system); start `deploy-agent proxy` and `deploy-agent run` another way, or pass --no-start",
-                        host.name
-                    ),
-                );
+    match start_service(&remote, &inst, pkg, opts.no_start, changed).await {
+        Ok(service) => result.service = service,
+        Err((service, message)) => {
+            if let Some(service) = service {
+                result.service = service;
             }
-            Ok(true) => {
-                let was_active = remote
-                    .run(
-                        "checking the service",
-                        "systemctl is-active --quiet deploy-agent.service && echo yes || echo no",
-                        &[],
-                    )
-                    .await
-                    .map(|o| o.trim() == "yes")
-                    .unwrap_or(false);
-                let mut body = String::from("set -e; systemctl daemon-reload; ");
-                if matches!(pkg, Package::Binary(_)) {
-                    body.push_str(
-                        "systemd-sysusers /usr/lib/sysusers.d/deploy-agent.conf; \
-                         systemd-tmpfiles --create /usr/lib/tmpfiles.d/deploy-agent.conf; ",
-                    );
-                }
-                body.push_str(
-                    "deploy-agent check-config --config /etc/deploy-agent/agent.toml; \
-                     systemctl enable --now deploy-proxy.service deploy-agent.service; ",
-                );
-                if changed && was_active {
-                    // The control daemon picks up the change; the proxy hands its
-                    // sockets over to the new binary and keeps serving meanwhile.
-                    body.push_str(
-                        "systemctl try-restart deploy-agent.service; \
-                         systemctl reload deploy-proxy.service; ",
-                    );
-                }
-                body.push_str("systemctl is-active deploy-agent.service");
-                if let Err(e) = remote.run("starting the service", &body, &[]).await {
-                    return fail(result, exit::ENVIRONMENT, e);
-                }
-                result.service = match (was_active, changed) {
-                    (false, _) => "started".into(),
-                    (true, true) => {
-                        "restarted (deploy-agent.service; deploy-proxy reloaded: its sockets handed over)"
-                            .into()
-                    }
-                    (true, false) => "running (nothing changed)".into(),
-                };
-            }
+            return fail(result, exit::ENVIRONMENT, message);
         }
     }
     session.close().await;
     result
+}
+
+/// Starts (or restarts, when something changed) the services on a host
+/// with systemd. `Ok`: what the service is now; `Err`: what it is, when
+/// known, and why it could not be started.
+async fn start_service(
+    remote: &Remote<'_>,
+    inst: &InstallSettings,
+    pkg: &Package,
+    no_start: bool,
+    changed: bool,
+) -> Result<String, (Option<String>, String)> {
+    if inst.root != "/" {
+        return Ok(format!(
+            "not started: installed under install.root {} (a staging directory)",
+            inst.root
+        ));
+    }
+    if no_start {
+        return Ok("not started (--no-start)".into());
+    }
+    let systemd = remote
+        .run(
+            "checking for systemd",
+            "[ -d /run/systemd/system ] && echo yes || echo no",
+            &[],
+        )
+        .await
+        .map(|o| o.trim() == "yes")
+        .map_err(|e| (None, e))?;
+    if !systemd {
+        return Err((
+            Some("not started: the host does not run systemd".into()),
+            format!(
+                "host {}: the files are installed, but the service could not be started: the host does not run systemd \
+                 (no /run/systemd/system); start `deploy-agent proxy` and `deploy-agent run` another way, or pass --no-start",
+                remote.host
+            ),
+        ));
+    }
+    let was_active = remote
+        .run(
+            "checking the service",
+            "systemctl is-active --quiet deploy-agent.service && echo yes || echo no",
+            &[],
+        )
+        .await
+        .map(|o| o.trim() == "yes")
+        .unwrap_or(false);
+    let mut body = String::from("set -e; systemctl daemon-reload; ");
+    if matches!(pkg, Package::Binary(_)) {
+        body.push_str(
+            "systemd-sysusers /usr/lib/sysusers.d/deploy-agent.conf; \
+             systemd-tmpfiles --create /usr/lib/tmpfiles.d/deploy-agent.conf; ",
+        );
+    }
+    body.push_str(
+        "deploy-agent check-config --config /etc/deploy-agent/agent.toml; \
+         systemctl enable --now deploy-proxy.service deploy-agent.service; ",
+    );
+    if changed && was_active {
+        // The control daemon picks up the change; the proxy hands its
+        // sockets over to the new binary and keeps serving meanwhile.
+        body.push_str(
+            "systemctl try-restart deploy-agent.service; \
+             systemctl reload deploy-proxy.service; ",
+        );
+    }
+    body.push_str("systemctl is-active deploy-agent.service");
+    remote
+        .run("starting the service", &body, &[])
+        .await
+        .map_err(|e| (None, e))?;
+    Ok(match (was_active, changed) {
+        (false, _) => "started".into(),
+        (true, true) => {
+            "restarted (deploy-agent.service; deploy-proxy reloaded: its sockets handed over)"
+                .into()
+        }
+        (true, false) => "running (nothing changed)".into(),
+    })
 }
 
 /// `deploy-controller install`. Returns the exit code.
