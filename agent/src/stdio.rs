@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use deploy_protocol::ops::Input;
-use deploy_protocol::{Caller, Op, Query};
+use deploy_protocol::{Caller, Op, Query, jsonl};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncBufReadExt;
 
@@ -92,21 +92,18 @@ struct Out;
 
 impl Out {
     fn line(&self, line: &StdioLine) {
-        if let Ok(json) = serde_json::to_string(line) {
-            self.raw(json.as_bytes());
-        }
-    }
-
-    fn raw(&self, json: &[u8]) {
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(json);
-        let _ = out.write_all(b"\n");
-        let _ = out.flush();
+        self.write(line);
     }
 
     fn event(&self, e: &Event) {
-        if let Ok(json) = serde_json::to_string(e) {
-            self.raw(json.as_bytes());
+        self.write(e);
+    }
+
+    fn write<T: serde::Serialize>(&self, v: &T) {
+        if let Ok(line) = jsonl::encode(v) {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&line);
+            let _ = out.flush();
         }
     }
 
