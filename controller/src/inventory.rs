@@ -500,7 +500,10 @@ impl Inventory {
 
     pub fn parse(path: &Path, text: &str) -> Result<Inventory, InventoryError> {
         let r = Reader::new(path);
-        let raw: RawInventory = toml::from_str(text).map_err(|e| r.invalid(e.to_string()))?;
+        let raw: RawInventory = toml::from_str(text).map_err(|e| {
+            let hint = deploy_protocol::suggest::hint(e.message());
+            r.invalid(format!("{e}{hint}"))
+        })?;
         if raw.environments.is_empty() {
             return Err(
                 r.invalid("no environments: add at least one [environments.NAME] table".into())
@@ -1014,6 +1017,13 @@ agent = "p2:7443"
         assert_eq!(v["PORT"], "8080");
         assert_eq!(v["DOMAIN"], "x");
         assert_eq!(p.vars_for(&p.hosts[1], &BTreeMap::new())["PORT"], "80");
+    }
+
+    #[test]
+    fn a_mistyped_key_suggests_the_nearest_one() {
+        let text = GOOD.replace("lock_ttl = \"30s\"", "lock_tll = \"30s\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("did you mean `lock_ttl`?"), "{e}");
     }
 
     #[test]

@@ -375,6 +375,7 @@ fn deserialize(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
             (Some(field), None) => Some(field.to_string()),
             (_, at) => at,
         };
+        let message = format!("{message}{}", crate::suggest::hint(&message));
         invalid(line, key, message)
     })
 }
@@ -515,6 +516,14 @@ fn valid_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mistyped_key_suggests_the_nearest_one() {
+        let e = AgentConfig::parse(Path::new("agent.toml"), "retian = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean `retain`?"), "{e}");
+    }
 
     fn cfg(text: &str) -> Result<AgentConfig, String> {
         AgentConfig::parse(Path::new("agent.toml"), text).map_err(|e| e.to_string())

@@ -26,6 +26,7 @@ pub mod config;
 pub mod identity;
 pub mod jsonl;
 pub mod ops;
+pub mod suggest;
 pub mod timestamp;
 mod wire;
 

@@ -138,18 +138,19 @@ pub enum ComposeError {
 
     /// A key deploy-agent does not support.
     #[error(
-        "{file}: unsupported key `{path}`: deploy-agent does not support it{} (supported keys under {context}: {supported})",
+        "{file}: unsupported key `{path}`: {}deploy-agent does not support it{} (supported keys under {context}: {supported})",
+        did_you_mean(path, supported),
         hint_suffix(.hint)
     )]
     UnsupportedKey {
         file: String,
         path: String,
         /// Where the key is, e.g. `a service`.
-        context: String,
+        context: &'static str,
         /// The keys accepted there, comma-separated.
         supported: String,
         /// Why it is not supported, or what to do instead, when known.
-        hint: Option<String>,
+        hint: Option<&'static str>,
     },
 
     #[error(
@@ -202,7 +203,16 @@ pub enum ComposeError {
     },
 }
 
-fn hint_suffix(hint: &Option<String>) -> String {
+/// `did you mean `k`? ` when the key at the end of `path` is a typo of
+/// one of `supported` (comma-separated).
+fn did_you_mean(path: &str, supported: &str) -> String {
+    let key = path.rsplit('.').next().unwrap_or(path);
+    deploy_protocol::suggest::nearest(key, supported.split(", "))
+        .map(|k| format!("did you mean `{k}`? "))
+        .unwrap_or_default()
+}
+
+fn hint_suffix(hint: &Option<&str>) -> String {
     hint.as_ref().map(|h| format!(": {h}")).unwrap_or_default()
 }
 
@@ -492,9 +502,9 @@ fn serde_error_at(
         return ComposeError::UnsupportedKey {
             file: file.to_string(),
             path: path.to_string(),
-            context: key_context(parent).to_string(),
+            context: key_context(parent),
             supported,
-            hint: key_hint(parent, key).map(str::to_string),
+            hint: key_hint(parent, key),
         };
     }
     let message = if let Some(rest) = message.strip_prefix("missing field `") {

@@ -721,6 +721,23 @@ fn unknown_service_key() {
 }
 
 #[test]
+fn a_mistyped_key_suggests_the_nearest_one() {
+    let (path, msg) = unsupported("services:\n  web:\n    image: nginx\n    portz: [\"80\"]\n");
+    assert_eq!(path, "services.web.portz");
+    assert_contains(
+        &msg,
+        &["did you mean `ports`?", "supported keys under a service"],
+    );
+    let (_, msg) = unsupported(
+        "services:\n  web:\n    image: nginx\n    x-deploy:\n      health: {htpp: /}\n",
+    );
+    assert_contains(&msg, &["did you mean `http`?"]);
+    // Nothing close: no guess.
+    let (_, msg) = unsupported("services:\n  web:\n    image: nginx\n    privileged: true\n");
+    assert!(!msg.contains("did you mean"), "{msg}");
+}
+
+#[test]
 fn container_name_has_its_own_reason() {
     let (path, msg) = unsupported("services:\n  web:\n    image: nginx\n    container_name: web\n");
     assert_eq!(path, "services.web.container_name");
