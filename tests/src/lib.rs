@@ -34,8 +34,8 @@ pub use env::{
     require_auth_registry, require_docker, require_test_registry,
 };
 pub use harness::{
-    CliOutput, Container, Harness, HarnessBuilder, INSTANCE_LABEL, RunningCli, TamperedRecord,
-    docker, free_port, image_id, wait_all, wait_until,
+    CliOutput, Container, Harness, HarnessBuilder, INSTANCE_LABEL, InitProcess, RunningCli,
+    TamperedRecord, docker, free_port, image_id, wait_all, wait_sigterm_trap, wait_until,
 };
 pub use http::{HttpResponse, http_get};
 pub use load::{LoadConfig, LoadLoop, LoadReport, MIN_RATE, Mode, Record, SWITCH_TOLERANCE};
