@@ -17,6 +17,8 @@
 //!   stop their registry.
 //! - [`Compose`]: compose files for the demo images.
 //! - [`sshd::Sshd`]: a throw-away OpenSSH server on 127.0.0.1 (issue 5).
+//! - [`wait_sigterm_trap`]: to `docker stop` a test image's container right
+//!   after starting it (before its trap, the kernel drops the SIGTERM).
 //!
 //! All traffic goes to 127.0.0.1 only.
 
