@@ -9,11 +9,22 @@
 #   scripts/demo.sh            # serves on 127.0.0.1:8080 (DEMO_PORT to change)
 #   KEEP=1 scripts/demo.sh     # leave the agent and the containers running
 #
-# Needs Docker, docker-registry and busybox-static (see scripts/test.sh).
+# Builds into CARGO_TARGET_DIR (or cargo's build.target-dir) when set. At the
+# end it says what it leaves behind (the test registries and images that
+# scripts/test-env.sh starts and builds, which scripts/test.sh reuses) and
+# how to remove it.
+#
+# Needs Docker, docker-registry, curl, busybox-static and cargo (see
+# scripts/prerequisites.sh).
 set -euo pipefail
 
+# A relative CARGO_TARGET_DIR means the caller's directory, not the checkout's.
+if [ -n "${CARGO_TARGET_DIR:-}" ] && [[ "$CARGO_TARGET_DIR" != /* ]]; then
+    export CARGO_TARGET_DIR="$PWD/$CARGO_TARGET_DIR"
+fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+TEST_ENV_DIR="${TEST_ENV_DIR:-/var/tmp/deploy-agent-test}"
 PORT="${DEMO_PORT:-8080}"
 KEEP="${KEEP:-0}"
 PROJECT=demo
@@ -24,6 +35,7 @@ step() { printf '\n%s==> %s%s\n' "$B" "$*" "$N"; }
 die() { echo "scripts/demo.sh: $*" >&2; exit 1; }
 
 command -v docker >/dev/null || die "docker not found (apt-get install docker.io)"
+command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup)"
 docker info >/dev/null 2>&1 || die "the Docker daemon does not answer: start it (dockerd &)"
 if curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$PORT/"; then
     die "something already answers on 127.0.0.1:$PORT: set DEMO_PORT to a free port"
@@ -31,8 +43,11 @@ fi
 
 step "Build (cargo build)"
 cargo build -p deploy-agent -p deploy-testkit --bins
-AGENT="$ROOT/target/debug/deploy-agent"
-LOADGEN="$ROOT/target/debug/deploy-load"
+TARGET_DIR="$(cargo metadata --no-deps --format-version 1 | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+[ -d "$TARGET_DIR" ] || die "cannot tell cargo's target directory (cargo metadata: '$TARGET_DIR')"
+AGENT="$TARGET_DIR/debug/deploy-agent"
+LOADGEN="$TARGET_DIR/debug/deploy-load"
+[ -x "$AGENT" ] && [ -x "$LOADGEN" ] || die "$AGENT or $LOADGEN is missing after cargo build"
 
 step "Local registry on 127.0.0.1:5000 and demo images v1, v2, v3 (broken)"
 bash scripts/test-env.sh
@@ -53,19 +68,48 @@ remove_containers() {
     ids="$(docker network ls -q --filter "label=io.deploy-agent.instance=$INSTANCE")"
     [ -z "$ids" ] || docker network rm $ids >/dev/null 2>&1 || true
 }
+# What the demo leaves behind, and how to remove it.
+leftovers() {
+    local registries="" f pid
+    for f in "$TEST_ENV_DIR"/registry-*/pid; do
+        pid="$(cat "$f" 2>/dev/null || true)"
+        if [ -n "$pid" ] && grep -qs docker-registry "/proc/$pid/cmdline"; then
+            registries="${registries:+$registries }$pid"
+        fi
+    done
+    echo
+    echo "${B}Left behind${N} (scripts/test.sh reuses the first two):"
+    echo "  - the test registries on 127.0.0.1:5000 and 127.0.0.1:5001 (scripts/test-env.sh; storage"
+    echo "    under $TEST_ENV_DIR), pids: ${registries:-none found}"
+    echo "  - the test images in the Docker engine: 127.0.0.1:5000/demo:{v1,v2,v3,crash,noport,sick,flaky}"
+    if [ "$KEEP" = 1 ]; then
+        echo "  - (KEEP=1) the agent: proxy and daemon (pids ${PIDS[*]:0:2}), state in $DEPLOY_AGENT_STATE_DIR,"
+        echo "    and its containers and network (label io.deploy-agent.instance=$INSTANCE); to use it:"
+        echo "      export DEPLOY_AGENT_STATE_DIR=$DEPLOY_AGENT_STATE_DIR DEPLOY_AGENT_CONFIG=$DEPLOY_AGENT_CONFIG"
+        echo "      $AGENT status"
+    fi
+    echo "To remove it all:"
+    if [ "$KEEP" = 1 ]; then
+        echo "  kill ${PIDS[*]:0:2}"
+        echo "  docker rm -f \$(docker ps -aq --filter label=io.deploy-agent.instance=$INSTANCE)"
+        echo "  docker network rm \$(docker network ls -q --filter label=io.deploy-agent.instance=$INSTANCE)"
+        echo "  rm -rf $DEMO_DIR"
+    fi
+    [ -z "$registries" ] || echo "  kill $registries"
+    echo "  docker image rm \$(docker image ls --format '{{.Repository}}:{{.Tag}}' 127.0.0.1:5000/demo)"
+    echo "  rm -rf $TEST_ENV_DIR"
+}
 PIDS=()
 cleanup() {
     if [ "$KEEP" = 1 ]; then
-        echo
-        echo "Left running (KEEP=1): proxy and daemon (pids ${PIDS[*]}), state in $DEPLOY_AGENT_STATE_DIR."
-        echo "  export DEPLOY_AGENT_STATE_DIR=$DEPLOY_AGENT_STATE_DIR DEPLOY_AGENT_CONFIG=$DEPLOY_AGENT_CONFIG"
-        echo "  $AGENT status"
+        leftovers
         return
     fi
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     remove_containers
     rm -rf "$DEMO_DIR"
+    leftovers
 }
 trap cleanup EXIT
 remove_containers # leftovers of an earlier KEEP=1 run

@@ -4,32 +4,34 @@
 #
 #   scripts/test.sh [extra arguments for cargo nextest run / cargo test]
 #
-# Needs: a running Docker daemon, docker-registry, busybox-static, curl,
-# python3, cargo (cargo-nextest if present). Fails with a clear message when
-# any is missing; .ci/run installs them on a fresh machine.
+# Needs: cargo (cargo-nextest if present), a running Docker daemon and the
+# tools listed in scripts/prerequisites.sh (docker-registry, busybox-static,
+# sshd, systemd-analyze, objdump, dpkg-deb, ...). Fails up front, naming
+# everything missing and its Debian package; .ci/run installs them on a
+# fresh machine.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
+# shellcheck source=scripts/prerequisites.sh
+. "$ROOT/scripts/prerequisites.sh"
 missing=()
-need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1 ($2)"); }
-need docker "apt-get install docker.io"
-need docker-registry "apt-get install docker-registry"
-need curl "apt-get install curl"
-need python3 "apt-get install python3"
-need cargo "install the Rust toolchain (rustup)"
-if [ ! -x /bin/busybox ]; then
-    missing+=("/bin/busybox (apt-get install busybox-static)")
-elif ldd /bin/busybox >/dev/null 2>&1; then
-    missing+=("a static /bin/busybox (apt-get install busybox-static)")
-fi
+packages=()
+while read -r pkg what; do
+    missing+=("$what (apt-get install $pkg)")
+    packages+=("$pkg")
+done < <(missing_prerequisites)
+command -v cargo >/dev/null 2>&1 || missing+=("cargo (install the Rust toolchain: rustup)")
 if command -v docker >/dev/null 2>&1 && ! docker info >/dev/null 2>&1; then
     missing+=("a running Docker daemon: 'docker info' fails (start it: dockerd >/var/log/dockerd.log 2>&1 &)")
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "scripts/test.sh: cannot run the tests, missing:" >&2
     for m in "${missing[@]}"; do echo "  - $m" >&2; done
+    if [ "${#packages[@]}" -gt 0 ]; then
+        echo "Install with: apt-get install ${packages[*]} (or run .ci/run, which installs them and starts dockerd)" >&2
+    fi
     exit 1
 fi
 

@@ -940,6 +940,81 @@ pub fn image_id(reference: &str) -> String {
         .to_string()
 }
 
+/// PID 1 of a container, as this host's `/proc/PID/status` shows it.
+#[derive(Debug, Clone)]
+pub struct InitProcess {
+    /// Its PID on this host.
+    pub pid: u32,
+    /// `Name:`, the command name (`start` for a test image's /bin/start,
+    /// `runc:[2:INIT]` while the runtime has not yet exec'd it).
+    pub name: String,
+    /// `SigCgt:`, the signals it has a handler for (bit N-1 for signal N).
+    pub caught: u64,
+}
+
+impl InitProcess {
+    /// Reads PID 1 of the running container `id`. Needs the Docker Engine on
+    /// this host; `/proc/PID/status` can be read without root.
+    pub fn of(id: &str) -> Result<InitProcess, String> {
+        let state = docker(&["inspect", "-f", "{{.State.Status}} {{.State.Pid}}", id]);
+        let pid: u32 = match state.split_whitespace().collect::<Vec<_>>()[..] {
+            ["running", p] => p.parse().map_err(|e| format!("pid {p:?}: {e}"))?,
+            _ => return Err(format!("container {id} is not running: {}", state.trim())),
+        };
+        let path = format!("/proc/{pid}/status");
+        let status = fs::read_to_string(&path)
+            .map_err(|e| format!("read {path} (is the Docker Engine on this host?): {e}"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .ok_or_else(|| format!("no {name} in {path}"))
+        };
+        let caught = field("SigCgt:")?;
+        Ok(InitProcess {
+            pid,
+            name: field("Name:")?,
+            caught: u64::from_str_radix(&caught, 16)
+                .map_err(|e| format!("SigCgt {caught:?} in {path}: {e}"))?,
+        })
+    }
+
+    /// Whether it has a handler for signal number `sig`.
+    pub fn catches(&self, sig: Signal) -> bool {
+        self.caught & (1u64 << (sig as i32 - 1)) != 0
+    }
+}
+
+/// Waits until PID 1 of container `id`, a test image's entrypoint
+/// (`/bin/start`), has installed its SIGTERM trap, and returns it.
+///
+/// Before that, `docker stop` cannot work: the kernel drops SIGTERM sent to
+/// the init process of a PID namespace unless that process has a handler
+/// for it. The signal is not kept for later, so `docker stop` waits its whole
+/// grace period and then kills the container (exit code 137). No image can
+/// close this window, since exec resets every handler, so a test that stops
+/// a container right after `docker run` must wait for this first. A test
+/// that waited for HTTP has already waited long enough, because every image
+/// traps SIGTERM before it starts its server.
+///
+/// `Name: start` is checked too, so that a handler of the runtime's
+/// `runc init`, which runs before the exec, does not count.
+pub fn wait_sigterm_trap(id: &str, timeout: Duration) -> InitProcess {
+    wait_until(
+        &format!("PID 1 of container {id} (/bin/start) to trap SIGTERM"),
+        timeout,
+        || {
+            let init = InitProcess::of(id)?;
+            if init.name == "start" && init.catches(Signal::SIGTERM) {
+                Ok(init)
+            } else {
+                Err(format!("{init:?}"))
+            }
+        },
+    )
+}
+
 fn docker_quiet(args: &[&str]) -> String {
     Command::new("docker")
         .args(args)

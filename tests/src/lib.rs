@@ -17,6 +17,8 @@
 //!   stop their registry.
 //! - [`Compose`]: compose files for the demo images.
 //! - [`sshd::Sshd`]: a throw-away OpenSSH server on 127.0.0.1 (issue 5).
+//! - [`wait_sigterm_trap`]: to `docker stop` a test image's container right
+//!   after starting it (before its trap, the kernel drops the SIGTERM).
 //!
 //! All traffic goes to 127.0.0.1 only.
 
@@ -34,8 +36,8 @@ pub use env::{
     require_auth_registry, require_docker, require_test_registry,
 };
 pub use harness::{
-    CliOutput, Container, Harness, HarnessBuilder, INSTANCE_LABEL, RunningCli, TamperedRecord,
-    docker, free_port, image_id, wait_all, wait_until,
+    CliOutput, Container, Harness, HarnessBuilder, INSTANCE_LABEL, InitProcess, RunningCli,
+    TamperedRecord, docker, free_port, image_id, wait_all, wait_sigterm_trap, wait_until,
 };
 pub use http::{HttpResponse, http_get};
 pub use load::{LoadConfig, LoadLoop, LoadReport, MIN_RATE, Mode, Record, SWITCH_TOLERANCE};
