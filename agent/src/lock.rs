@@ -239,6 +239,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_refusal_names_a_holder_that_is_still_writing_its_name() {
+        // The holder takes the flock, then writes who it is: a second
+        // operation refused in between must still name it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = lock_path(dir.path(), "web");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.try_lock().unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut file = file;
+            let text = serde_json::to_string(&owner("deploy of v2")).unwrap();
+            file.write_all(text.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            drop(file);
+        });
+        let err = HostLock::acquire(dir.path(), "web", &owner("deploy of v3"), None)
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("deploy of v2"), "{msg}");
+        assert!(!msg.contains("holder unknown"), "{msg}");
+        writer.join().unwrap();
+    }
+
+    #[tokio::test]
     async fn other_projects_are_independent() {
         let dir = tempfile::tempdir().unwrap();
         let _a = HostLock::acquire(dir.path(), "a", &owner("x"), None)
