@@ -410,7 +410,11 @@ async fn status(mut local: Local, project: Option<String>, json: bool) -> anyhow
     } else {
         print_status(&report);
     }
-    Ok(exit::SUCCESS)
+    // Nothing is served without the proxy: that is not a healthy host.
+    match &report.proxy {
+        Some(p) if !p.running => Ok(exit::ENVIRONMENT),
+        _ => Ok(exit::SUCCESS),
+    }
 }
 
 fn history(state_dir: &Path, project: &str, json: bool) -> anyhow::Result<i32> {
@@ -725,6 +729,23 @@ impl Printer {
 }
 
 fn print_status(report: &StatusReport) {
+    match &report.proxy {
+        Some(p) if p.running => {
+            println!(
+                "proxy: running (pid {}), {} listener(s)",
+                p.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                p.listeners.len()
+            );
+            for l in &p.listeners {
+                println!("  {l}");
+            }
+        }
+        Some(p) => println!(
+            "proxy: NOT RUNNING: {}",
+            p.error.as_deref().unwrap_or("it does not answer")
+        ),
+        None => {}
+    }
     if report.projects.is_empty() {
         println!("no projects deployed on {}", report.host);
     }

@@ -419,6 +419,31 @@ fn service_without_ports_deploys_beside_a_web_service() {
 }
 
 #[test]
+fn status_reports_the_proxy_and_fails_while_it_is_down() {
+    let mut h = Harness::builder(BIN).no_daemon().start();
+    let port = h.free_port();
+    let file = h.write_compose("compose.yml", &Compose::web(port));
+    h.deploy_ok(PROJECT, &file, "v1");
+    let up = h.cli(&["status"]);
+    up.expect_code(0);
+    assert!(
+        up.stdout.contains("proxy: running")
+            && up.stdout.contains(&format!(":{port} {PROJECT}/web -> v1")),
+        "status must name the proxy's listeners and the release each serves:\n{up}"
+    );
+    h.stop_proxy();
+    let down = h.cli(&["status", "--json"]);
+    down.expect_code(5);
+    let report: serde_json::Value = serde_json::from_str(down.stdout.trim())
+        .unwrap_or_else(|e| panic!("status --json: {e}\n{down}"));
+    assert_eq!(report["proxy"]["running"], false, "{report:#}");
+    let drift = report["projects"][0]["drift"].to_string();
+    assert!(drift.contains("the proxy is not running"), "{report:#}");
+    h.start_proxy();
+    h.cli(&["status"]).expect_code(0);
+}
+
+#[test]
 fn state_dir_and_config_come_from_the_environment_too() {
     let h = Harness::builder(BIN).no_daemon().start();
     let port = h.free_port();

@@ -238,6 +238,25 @@ pub struct HookReport {
 pub struct StatusReport {
     pub host: String,
     pub projects: Vec<ProjectStatus>,
+    /// The data path: whether the proxy answers, and what it listens on.
+    /// Absent from agents that did not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyState>,
+}
+
+/// The proxy as `status` saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyState {
+    /// It answered on `proxy.sock`.
+    pub running: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Why it did not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Each listener: `0.0.0.0:8080 project/service -> release (N backends)`.
+    #[serde(default)]
+    pub listeners: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

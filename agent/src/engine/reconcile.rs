@@ -13,7 +13,7 @@ use crate::rollout::Rollout;
 use crate::spec::ProjectSpec;
 use crate::store::{AuditEntry, ReleaseState};
 use crate::wire::{
-    OperationKind, Outcome, ProjectStatus, ReplicaStatus, ServiceStatus, StatusReport,
+    OperationKind, Outcome, ProjectStatus, ProxyState, ReplicaStatus, ServiceStatus, StatusReport,
 };
 
 /// Who the agent acts as when it repairs on its own.
@@ -272,12 +272,15 @@ impl Engine {
 
     /// `deploy-agent status`.
     pub async fn status(&self, only: Option<&str>) -> Result<StatusReport, OpError> {
+        let proxy = self.proxy_state().await;
         let mut projects = Vec::new();
         for project in self.store.projects()? {
             if only.is_some_and(|p| p != project) {
                 continue;
             }
-            projects.push(self.project_status(&project).await?);
+            let mut status = self.project_status(&project).await?;
+            served_drift(&mut status, &proxy);
+            projects.push(status);
         }
         if let Some(p) = only
             && projects.is_empty()
@@ -290,7 +293,66 @@ impl Engine {
         Ok(StatusReport {
             host: crate::config::hostname(),
             projects,
+            proxy: Some(proxy),
         })
+    }
+
+    /// What the proxy says about itself, within a bound: a hung proxy is
+    /// reported, never waited for.
+    async fn proxy_state(&self) -> ProxyState {
+        let answer =
+            tokio::time::timeout(std::time::Duration::from_secs(2), self.proxy.status()).await;
+        match answer {
+            Ok(Ok(st)) => ProxyState {
+                running: true,
+                pid: Some(st.pid),
+                error: None,
+                listeners: st
+                    .routes
+                    .iter()
+                    .map(|r| {
+                        let weighted: Vec<&str> = r
+                            .route
+                            .backends
+                            .iter()
+                            .filter(|b| b.weight > 0)
+                            .map(|b| b.release.as_str())
+                            .collect();
+                        let mut releases = weighted.clone();
+                        releases.dedup();
+                        format!(
+                            "{} {}/{} -> {} ({} backend(s))",
+                            r.route.bind,
+                            r.route.project,
+                            r.route.service,
+                            if releases.is_empty() {
+                                "nothing".to_string()
+                            } else {
+                                releases.join(", ")
+                            },
+                            weighted.len()
+                        )
+                    })
+                    .collect(),
+            },
+            Ok(Err(e)) => ProxyState {
+                running: false,
+                pid: None,
+                error: Some(format!(
+                    "{e}; nothing is served until it runs again (systemctl status deploy-proxy)"
+                )),
+                listeners: Vec::new(),
+            },
+            Err(_) => ProxyState {
+                running: false,
+                pid: None,
+                error: Some(
+                    "the proxy did not answer within 2s on proxy.sock: its data path may be hung (systemctl status deploy-proxy)"
+                        .into(),
+                ),
+                listeners: Vec::new(),
+            },
+        }
     }
 
     async fn project_status(&self, project: &str) -> Result<ProjectStatus, OpError> {
@@ -376,5 +438,35 @@ impl Engine {
             services,
             drift,
         })
+    }
+}
+
+/// Drift the proxy shows: a published address of the serving release that
+/// no listener serves (or a proxy that does not answer at all).
+fn served_drift(status: &mut ProjectStatus, proxy: &ProxyState) {
+    if status.current.is_none() {
+        return;
+    }
+    if !proxy.running {
+        status.drift.push(format!(
+            "the proxy is not running: {}",
+            proxy.error.as_deref().unwrap_or("it does not answer")
+        ));
+        return;
+    }
+    for svc in &status.services {
+        for published in &svc.published {
+            let bind = published.split(' ').next().unwrap_or_default();
+            let served = proxy
+                .listeners
+                .iter()
+                .any(|l| l.starts_with(&format!("{bind} ")) && !l.contains("-> nothing"));
+            if !served {
+                status.drift.push(format!(
+                    "{bind} ({}) is published but the proxy serves nothing there",
+                    svc.service
+                ));
+            }
+        }
     }
 }
