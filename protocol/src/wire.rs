@@ -456,11 +456,42 @@ pub struct LeaseRequest {
     /// SSH fallback: the identity (`mtls:<CN>`) that holds this
     /// deployment's lease and that the caller takes it over from, because
     /// the controller lost the agent's HTTPS API mid-deployment and carries
-    /// on over SSH. Honoured only for a caller over SSH and only for the
-    /// same deployment id (see `Store::hand_over_lease`); audited as
-    /// `lock.handed_over`.
+    /// on over SSH. Honoured only for a caller over SSH, only for the same
+    /// deployment id, and only with `hand_over_token` (see
+    /// `Store::hand_over_lease`); audited as `lock.handed_over`, or
+    /// `lock.refused` when refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hand_over_from: Option<String>,
+    /// With `hand_over_from`: the proof that the caller is the lease's
+    /// holder, the [`LeaseGranted::token`] of the newest `lock` answer the
+    /// holder had. The deployment id is no proof: `lock_status` shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hand_over_token: Option<LeaseToken>,
+}
+
+/// The secret of an environment lease: handed to the caller that took the
+/// lease (in [`LeaseGranted::token`]) and to nobody else, asked for when
+/// the lease is handed over to another identity. The agent keeps only its
+/// SHA-256. Its `Debug` does not show it, so that it stays out of logs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeaseToken(String);
+
+impl LeaseToken {
+    pub fn new(secret: impl Into<String>) -> LeaseToken {
+        LeaseToken(secret.into())
+    }
+
+    /// The secret itself: to hash it or to send it, never to show it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeaseToken(…)")
+    }
 }
 
 /// `DELETE /v1/lock`.
@@ -493,6 +524,13 @@ pub struct LeaseGranted {
     /// An expired lease of another deployment that this one replaced.
     #[serde(default)]
     pub took_over: Option<Lease>,
+    /// The lease's secret, new with every `lock` answer (the newest one is
+    /// the one that counts): what a hand-over of this lease needs
+    /// ([`LeaseRequest::hand_over_token`]). Only in this answer, to this
+    /// caller; never in [`Lease`], which anyone may read. Absent from an
+    /// agent that predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<LeaseToken>,
 }
 
 /// `GET /v1/release?project=&release=`: a release as this host recorded it.
@@ -657,4 +695,43 @@ pub struct StdioHello {
     pub host: String,
     /// `deploy-agent --version`.
     pub version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_tokens_are_optional_on_the_wire_and_hidden_from_debug() {
+        // Older peers: a request and an answer without them still parse.
+        let req: LeaseRequest =
+            serde_json::from_str(r#"{"deployment_id":"d1","ttl_ms":1000}"#).unwrap();
+        assert_eq!(req.hand_over_token, None);
+        let lease = r#"{"environment":"p","deployment_id":"d1","identity":"mtls:ci","acquired_at":"a","expires_at":"b"}"#;
+        let granted: LeaseGranted =
+            serde_json::from_str(&format!(r#"{{"lease":{lease}}}"#)).unwrap();
+        assert!(granted.token.is_none());
+        let granted: LeaseGranted =
+            serde_json::from_str(&format!(r#"{{"lease":{lease},"token":"s3cret"}}"#)).unwrap();
+        assert_eq!(
+            granted.token.as_ref().map(LeaseToken::expose),
+            Some("s3cret")
+        );
+        assert!(!format!("{granted:?}").contains("s3cret"));
+        // Unknown request fields are still refused.
+        assert!(
+            serde_json::from_str::<LeaseRequest>(
+                r#"{"deployment_id":"d1","ttl_ms":1000,"token":"x"}"#
+            )
+            .is_err()
+        );
+        let req = LeaseRequest {
+            hand_over_from: Some("mtls:ci".into()),
+            hand_over_token: Some(LeaseToken::new("s3cret")),
+            ..req
+        };
+        let json = serde_json::to_string(&req).unwrap();
+        assert!(json.contains(r#""hand_over_token":"s3cret""#), "{json}");
+        assert!(!format!("{req:?}").contains("s3cret"));
+    }
 }
