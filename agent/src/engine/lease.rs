@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use deploy_protocol::Caller;
-
 use sha2::{Digest, Sha256};
 
 use super::{Engine, OpError};
@@ -131,10 +130,10 @@ fn lease_error(e: LeaseError) -> OpError {
         .held_by(current),
         LeaseError::NoProof { lease, from, proof } => {
             let why = match proof {
-                Proof::Missing => "the request has no hand_over_token".to_string(),
-                Proof::Wrong => "its hand_over_token is not the lease's".to_string(),
+                Proof::Missing => "the request has no hand_over_token",
+                Proof::Wrong => "its hand_over_token is not the lease's",
                 Proof::NoneKept => {
-                    "the lease was taken before this agent kept lease tokens, so nobody can prove to hold it".to_string()
+                    "the lease was taken before this agent kept lease tokens, so nobody can prove they hold it"
                 }
             };
             OpError::new(
