@@ -8,6 +8,12 @@
 //! per environment; all checks run in an IMMEDIATE transaction so two
 //! controllers racing for the same host cannot both win.
 //!
+//! The row also keeps the SHA-256 of the lease's secret token (never the
+//! token: the file is readable by the `deploy-agent` group). Every grant
+//! replaces it; handing the lease to another identity needs the token
+//! ([`Store::hand_over_lease`]), because the owner's identity and
+//! deployment id are readable by anyone who may read the lease.
+//!
 //! Unlike the [`HostLock`](crate::lock::HostLock) (a kernel flock held for
 //! the length of one operation on one host), a lease spans a whole fleet
 //! rollout and outlives any single request, hence a row with an expiry.
