@@ -20,11 +20,21 @@
 //!   the same host lock, exactly as `deploy-agent deploy` does.
 //!
 //! Either way the caller is recorded as
-//! `ssh:<user> key=SHA256:… from=<ip> controller=<CN>` ([`SshCaller::who`])
-//! in the engine's records, the lease and the audit log, and every request
-//! but `ping` and `renew` leaves an `ssh.request` audit record with all the
-//! details (key type, client port, op, a host key the controller accepted
-//! as new).
+//! `ssh:<user> (claimed: key=SHA256:… from=<ip> controller=<CN>)`
+//! ([`SshCaller::who`]) in the engine's records, the lease and the audit
+//! log, and every request but `ping` and `renew` leaves an `ssh.request`
+//! audit record with all the details (key type, client port, op, a host key
+//! the controller accepted as new).
+//!
+//! Only the Unix user is a fact: this process's uid, or the kernel's
+//! `SO_PEERCRED` on agent.sock. Everything else comes from the environment
+//! (`SSH_CONNECTION`, `SSH_USER_AUTH`, `SUDO_USER`) and the request, which
+//! sshd sets for a real SSH session but which anyone who runs
+//! `serve-stdio` by hand sets as they like; checking that the parent
+//! process is sshd would not tell them apart (a user with an SSH shell can
+//! `exec` it with any environment), so nothing here is verified, and the
+//! records say "claimed". What makes a caller the holder of a lease it did
+//! not take is the lease's token, never these details.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -62,7 +72,8 @@ pub fn key_from_auth_info(text: &str) -> Option<(String, String)> {
     })
 }
 
-/// The SSH caller from sshd's environment and what the controller said.
+/// The SSH caller from sshd's environment and what the controller said:
+/// claims, except `user` (this process's uid).
 pub fn caller_from_env(op: Op, said: &StdioCaller) -> SshCaller {
     let (key_type, key_fingerprint) = std::env::var_os("SSH_USER_AUTH")
         .and_then(|p| std::fs::read_to_string(p).ok())
@@ -232,8 +243,11 @@ pub async fn serve(state_dir: &Path, config: Option<PathBuf>, version: &str) -> 
         Ok(v) => v,
         Err(e) => return out.refusal(e),
     };
+    // This process's uid: the one fact (and what agent.sock's SO_PEERCRED
+    // tells the daemon).
+    let user = via.user.clone();
     let caller = Caller::Ssh {
-        user: via.user.clone(),
+        user: user.clone(),
         via: Box::new(via.clone()),
     };
     let who = caller.to_string();
@@ -261,7 +275,7 @@ pub async fn serve(state_dir: &Path, config: Option<PathBuf>, version: &str) -> 
         Err(e) => return out.refusal(e),
     };
     out.line(&hello(ServedBy::InProcess));
-    if let Err(e) = audit_ssh_request(&store, &who, &via, ServedBy::InProcess) {
+    if let Err(e) = audit_ssh_request(&store, &user, &via, ServedBy::InProcess) {
         return out.refusal(e);
     }
     let reply = local.in_process(req.op, &caller, input).await;

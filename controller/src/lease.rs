@@ -74,6 +74,7 @@ impl FleetLease {
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
             purpose: Some(purpose.to_string()),
             hand_over_from: None,
+            hand_over_token: None,
         };
         let deadline = Instant::now() + wait.unwrap_or_default();
         let mut told = false;

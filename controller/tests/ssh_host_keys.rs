@@ -129,7 +129,7 @@ fn unknown_and_changed_host_keys_are_refused() {
     let audit = agents[0].harness.audit_export(None);
     assert!(
         audit.iter().any(|e| e["action"] == "ssh.request"
-            && e["detail"]["accepted_host_key"]
+            && e["detail"]["claimed"]["accepted_host_key"]
                 .as_str()
                 .is_some_and(|k| k.contains(&sshd.host_key.fingerprint))),
         "{audit:#?}"
@@ -163,7 +163,7 @@ fn unknown_and_changed_host_keys_are_refused() {
         .iter()
         .find(|e| e["action"] == "ssh.request" && e["detail"]["op"] == "deploy")
         .unwrap_or_else(|| panic!("{audit:#?}"));
-    assert_eq!(req["detail"]["key_type"], "ssh-rsa");
+    assert_eq!(req["detail"]["claimed"]["key_type"], "ssh-rsa");
     assert_eq!(req["who"], who.as_str());
     assert!(
         agents[1].harness.history("web").is_empty(),

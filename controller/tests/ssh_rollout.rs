@@ -179,12 +179,18 @@ fn one_agent_down_deploy_status_and_rollback_over_ssh_under_load() {
         .unwrap_or_else(|| panic!("no ssh.request for the deploy: {audit_b:#?}"));
     let d = &ssh_deploy["detail"];
     assert_eq!(d["transport"], "ssh");
+    // The Unix user is the kernel's; the SSH details are what sshd's
+    // environment said, recorded as claims.
     assert_eq!(d["user"], Sshd::user().as_str());
-    assert_eq!(d["key_fingerprint"], sshd.client_key.fingerprint.as_str());
-    assert_eq!(d["key_type"], "ssh-ed25519");
-    assert_eq!(d["client_ip"], "127.0.0.1");
-    assert!(d["client_port"].as_u64().is_some(), "{d}");
-    assert_eq!(d["controller"], "ci-production");
+    let claimed = &d["claimed"];
+    assert_eq!(
+        claimed["key_fingerprint"],
+        sshd.client_key.fingerprint.as_str()
+    );
+    assert_eq!(claimed["key_type"], "ssh-ed25519");
+    assert_eq!(claimed["client_ip"], "127.0.0.1");
+    assert!(claimed["client_port"].as_u64().is_some(), "{d}");
+    assert_eq!(claimed["controller"], "ci-production");
     assert_eq!(d["served_by"], "in_process");
     let audit_a = agents[0].harness.audit_export(None);
     assert!(

@@ -180,7 +180,7 @@ fn an_expired_certificate_or_a_silent_port_falls_back_to_ssh() {
             .unwrap_or_else(|| panic!("host {}: {audit:#?}", a.name));
         assert_eq!(req["detail"]["served_by"], "daemon");
         assert_eq!(
-            req["detail"]["key_fingerprint"],
+            req["detail"]["claimed"]["key_fingerprint"],
             sshd.client_key.fingerprint.as_str()
         );
         assert_eq!(a.harness.current_release("web").as_deref(), Some("v1"));

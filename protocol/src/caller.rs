@@ -2,8 +2,14 @@
 //!
 //! Records (the engine's operations, the environment lease, the audit log)
 //! keep the caller as text, [`Caller`]'s `Display`: `unix:<user>`,
-//! `mtls:<certificate identity>`, `ssh:<user> key=… from=… controller=…`,
-//! or the agent itself. Decisions are made on the type, never on the text.
+//! `mtls:<certificate identity>`, `ssh:<user> (claimed: key=… from=…
+//! controller=…)`, or the agent itself. Decisions are made on the type,
+//! never on the text.
+//!
+//! What the text states as fact is what the kernel or the TLS handshake
+//! vouched for (the Unix user, the certificate's identity); an SSH
+//! caller's key, address and controller are what it said, and the text
+//! says so.
 
 use std::fmt;
 
@@ -22,7 +28,8 @@ pub enum Caller {
     /// A client certificate over the HTTPS API: its identity (CN).
     Mtls { identity: String },
     /// A request over SSH (`deploy-agent serve-stdio`): `user` is the Unix
-    /// user it runs as, `via` the SSH details it reported.
+    /// user it runs as, as the kernel reported it (fact); `via` the SSH
+    /// details it reported (claims: see [`SshCaller`]).
     Ssh { user: String, via: Box<SshCaller> },
     /// The agent itself (reconciliation).
     Agent,
@@ -125,7 +132,7 @@ mod tests {
             ),
             (
                 ssh,
-                "ssh:deploy key=SHA256:abc from=10.0.0.5 controller=ci",
+                "ssh:deploy (claimed: key=SHA256:abc from=10.0.0.5 controller=ci)",
                 Transport::Ssh,
             ),
             (Caller::Agent, RECONCILER, Transport::Agent),

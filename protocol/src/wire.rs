@@ -475,11 +475,42 @@ pub struct LeaseRequest {
     /// SSH fallback: the identity (`mtls:<CN>`) that holds this
     /// deployment's lease and that the caller takes it over from, because
     /// the controller lost the agent's HTTPS API mid-deployment and carries
-    /// on over SSH. Honoured only for a caller over SSH and only for the
-    /// same deployment id (see `Store::hand_over_lease`); audited as
-    /// `lock.handed_over`.
+    /// on over SSH. Honoured only for a caller over SSH, only for the same
+    /// deployment id, and only with `hand_over_token` (see
+    /// `Store::hand_over_lease`); audited as `lock.handed_over`, or
+    /// `lock.refused` when refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hand_over_from: Option<String>,
+    /// With `hand_over_from`: the proof that the caller is the lease's
+    /// holder, the [`LeaseGranted::token`] of the newest `lock` answer the
+    /// holder had. The deployment id is no proof: `lock_status` shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hand_over_token: Option<LeaseToken>,
+}
+
+/// The secret of an environment lease: handed to the caller that took the
+/// lease (in [`LeaseGranted::token`]) and to nobody else, asked for when
+/// the lease is handed over to another identity. The agent keeps only its
+/// SHA-256. Its `Debug` does not show it, so that it stays out of logs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeaseToken(String);
+
+impl LeaseToken {
+    pub fn new(secret: impl Into<String>) -> LeaseToken {
+        LeaseToken(secret.into())
+    }
+
+    /// The secret itself: to hash it or to send it, never to show it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeaseToken(…)")
+    }
 }
 
 /// `DELETE /v1/lock`.
@@ -495,7 +526,8 @@ pub struct Lease {
     /// The environment it locks (the agent's `environment`).
     pub environment: String,
     pub deployment_id: String,
-    /// Who took it: `mtls:<CN>` or `unix:<user>`.
+    /// Who took it: `mtls:<CN>`, `unix:<user>` or `ssh:<user> (claimed: …)`
+    /// (see [`Caller`](crate::Caller)).
     pub identity: String,
     #[serde(default)]
     pub purpose: Option<String>,
@@ -512,6 +544,13 @@ pub struct LeaseGranted {
     /// An expired lease of another deployment that this one replaced.
     #[serde(default)]
     pub took_over: Option<Lease>,
+    /// The lease's secret, new with every `lock` answer (the newest one is
+    /// the one that counts): what a hand-over of this lease needs
+    /// ([`LeaseRequest::hand_over_token`]). Only in this answer, to this
+    /// caller; never in [`Lease`], which anyone may read. Absent from an
+    /// agent that predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<LeaseToken>,
 }
 
 /// `GET /v1/release?project=&release=`: a release as this host recorded it.
@@ -578,9 +617,15 @@ pub struct StdioCaller {
 /// said. `serve-stdio` hands it to the daemon in the `x-deploy-agent-via`
 /// header (base64 of this JSON), which the daemon honours on its unix
 /// socket only.
+///
+/// All of it is a **claim**: sshd sets those variables, but so can any
+/// local user who runs `serve-stdio` itself, and any client of agent.sock
+/// can write the header. Only the Unix user the request runs as is a fact
+/// (the kernel's `SO_PEERCRED`, or this process's uid), and it is kept
+/// beside this, in [`Caller::Ssh`](crate::Caller::Ssh), never read from it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SshCaller {
-    /// The Unix user the command runs as (the SSH login, unless a
+    /// The Unix user `serve-stdio` says it runs as (the SSH login, unless a
     /// `command` prefix like sudo changed it; then `sudo_user` is the login).
     pub user: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -600,29 +645,45 @@ pub struct SshCaller {
     pub controller: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accepted_host_key: Option<String>,
-    /// The `serve-stdio` op.
+    /// The `serve-stdio` op (the daemon records the op it actually serves).
     pub op: String,
 }
 
 impl SshCaller {
     /// The identity the engine, the audit log and the environment lease
     /// record for this caller, with `user` the Unix user the request runs
-    /// as: `ssh:<user> key=SHA256:… from=<ip> controller=<CN>`. Stable for
-    /// one controller on one machine with one key (no port), so that a
-    /// lease taken over SSH is recognised on the next SSH call.
+    /// as, as the kernel reported it:
+    /// `ssh:<user> (claimed: key=SHA256:… from=<ip> controller=<CN>)`.
+    /// What is in parentheses is what the caller said, labelled so. Stable
+    /// for one controller on one machine with one key (no port), so that a
+    /// lease taken over SSH is recognised on the next SSH call; and two
+    /// Unix users never share one, whatever they claim.
     pub fn who(&self, user: &str) -> String {
-        let mut who = format!("ssh:{user}");
+        let mut claims = Vec::new();
         if let Some(s) = &self.sudo_user {
-            who.push_str(&format!(" sudo_user={s}"));
+            claims.push(format!("sudo_user={}", claimed(s)));
         }
-        who.push_str(&format!(
-            " key={} from={}",
-            self.key_fingerprint, self.client_ip
-        ));
+        claims.push(format!("key={}", claimed(&self.key_fingerprint)));
+        claims.push(format!("from={}", claimed(&self.client_ip)));
         if let Some(c) = &self.controller {
-            who.push_str(&format!(" controller={c}"));
+            claims.push(format!("controller={}", claimed(c)));
         }
-        who
+        format!("ssh:{user} (claimed: {})", claims.join(" "))
+    }
+}
+
+/// A claimed value as [`SshCaller::who`] writes it: as it is when it is
+/// plain (letters, digits, `-_.:@+/=`), else quoted, so that no claim can
+/// close the parentheses or pass for another field.
+fn claimed(value: &str) -> String {
+    let plain = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:@+/=".contains(c));
+    if plain {
+        value.to_string()
+    } else {
+        format!("{value:?}")
     }
 }
 
@@ -676,4 +737,88 @@ pub struct StdioHello {
     pub host: String,
     /// `deploy-agent --version`.
     pub version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller() -> SshCaller {
+        SshCaller {
+            user: "deploy".into(),
+            key_fingerprint: "SHA256:abc+/9".into(),
+            client_ip: "10.0.0.5".into(),
+            client_port: Some(51234),
+            controller: Some("ci-production".into()),
+            op: "deploy".into(),
+            ..SshCaller::default()
+        }
+    }
+
+    #[test]
+    fn the_ssh_identity_labels_what_the_caller_claims() {
+        let c = caller();
+        assert_eq!(
+            c.who("deploy"),
+            "ssh:deploy (claimed: key=SHA256:abc+/9 from=10.0.0.5 controller=ci-production)"
+        );
+        // The user is the one given (the kernel's), never the claimed one.
+        let forged = SshCaller {
+            user: "root".into(),
+            ..c.clone()
+        };
+        assert!(forged.who("mallory").starts_with("ssh:mallory (claimed: "));
+        let sudo = SshCaller {
+            sudo_user: Some("alice".into()),
+            controller: None,
+            ..c.clone()
+        };
+        assert_eq!(
+            sudo.who("deploy-agent"),
+            "ssh:deploy-agent (claimed: sudo_user=alice key=SHA256:abc+/9 from=10.0.0.5)"
+        );
+        // A claim cannot close the parentheses or pass for another field.
+        let sly = SshCaller {
+            controller: Some("ci) key=SHA256:real".into()),
+            ..c
+        };
+        assert_eq!(
+            sly.who("deploy"),
+            "ssh:deploy (claimed: key=SHA256:abc+/9 from=10.0.0.5 controller=\"ci) key=SHA256:real\")"
+        );
+    }
+
+    #[test]
+    fn lease_tokens_are_optional_on_the_wire_and_hidden_from_debug() {
+        // Older peers: a request and an answer without them still parse.
+        let req: LeaseRequest =
+            serde_json::from_str(r#"{"deployment_id":"d1","ttl_ms":1000}"#).unwrap();
+        assert_eq!(req.hand_over_token, None);
+        let lease = r#"{"environment":"p","deployment_id":"d1","identity":"mtls:ci","acquired_at":"a","expires_at":"b"}"#;
+        let granted: LeaseGranted =
+            serde_json::from_str(&format!(r#"{{"lease":{lease}}}"#)).unwrap();
+        assert!(granted.token.is_none());
+        let granted: LeaseGranted =
+            serde_json::from_str(&format!(r#"{{"lease":{lease},"token":"s3cret"}}"#)).unwrap();
+        assert_eq!(
+            granted.token.as_ref().map(LeaseToken::expose),
+            Some("s3cret")
+        );
+        assert!(!format!("{granted:?}").contains("s3cret"));
+        // Unknown request fields are still refused.
+        assert!(
+            serde_json::from_str::<LeaseRequest>(
+                r#"{"deployment_id":"d1","ttl_ms":1000,"token":"x"}"#
+            )
+            .is_err()
+        );
+        let req = LeaseRequest {
+            hand_over_from: Some("mtls:ci".into()),
+            hand_over_token: Some(LeaseToken::new("s3cret")),
+            ..req
+        };
+        let json = serde_json::to_string(&req).unwrap();
+        assert!(json.contains(r#""hand_over_token":"s3cret""#), "{json}");
+        assert!(!format!("{req:?}").contains("s3cret"));
+    }
 }

@@ -8,6 +8,12 @@
 //! per environment; all checks run in an IMMEDIATE transaction so two
 //! controllers racing for the same host cannot both win.
 //!
+//! The row also keeps the SHA-256 of the lease's secret token (never the
+//! token: the file is readable by the `deploy-agent` group). Every grant
+//! replaces it; handing the lease to another identity needs the token
+//! ([`Store::hand_over_lease`]), because the owner's identity and
+//! deployment id are readable by anyone who may read the lease.
+//!
 //! Unlike the [`HostLock`](crate::lock::HostLock) (a kernel flock held for
 //! the length of one operation on one host), a lease spans a whole fleet
 //! rollout and outlives any single request, hence a row with an expiry.
@@ -36,8 +42,57 @@ pub enum LeaseError {
         deployment_id: String,
         current: Option<Box<Lease>>,
     },
+    /// A hand-over from the lease's holder without the proof that the
+    /// caller is that holder (the lease's token).
+    #[error(
+        "the environment lease of deployment {} is held by {} until {}, and the hand-over from {from} {}",
+        .lease.deployment_id, .lease.identity, .lease.expires_at,
+        match .proof { Proof::Missing => "came without its token", Proof::Wrong => "came with a token that is not the lease's", Proof::NoneKept => "cannot be proven: the lease was taken before this agent kept lease tokens" }
+    )]
+    NoProof {
+        lease: Box<Lease>,
+        from: String,
+        proof: Proof,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What was wrong with the proof of a hand-over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proof {
+    /// The request had no token.
+    Missing,
+    /// The request's token is not the lease's.
+    Wrong,
+    /// The lease has no token (taken before the store kept them).
+    NoneKept,
+}
+
+impl Proof {
+    /// For the audit record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proof::Missing => "no hand_over_token",
+            Proof::Wrong => "hand_over_token is not the lease's",
+            Proof::NoneKept => "the lease has no token",
+        }
+    }
+}
+
+/// A request for the lease: who asks, for which deployment, for how long,
+/// and the SHA-256 (hex) of the token its answer gives the caller (stored
+/// with the lease, replacing the one before: the newest answer's token is
+/// the one that counts).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseAsk<'a> {
+    pub environment: &'a str,
+    pub deployment_id: &'a str,
+    pub identity: &'a str,
+    pub purpose: Option<&'a str>,
+    pub ttl: Duration,
+    pub now: jiff::Timestamp,
+    pub token_sha256: &'a str,
 }
 
 /// A lease taken.
@@ -74,6 +129,16 @@ fn same_owner(lease: &Lease, deployment_id: &str, identity: &str) -> bool {
     lease.deployment_id == deployment_id && lease.identity == identity
 }
 
+/// Whether two token digests are equal, in a time that does not depend on
+/// where they differ.
+fn same_digest(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 const COLUMNS: &str = "environment, deployment_id, identity, purpose, acquired_at, expires_at";
 
 fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
@@ -97,6 +162,19 @@ fn lease_row(conn: &rusqlite::Connection, environment: &str) -> rusqlite::Result
     .optional()
 }
 
+/// The lease row of `environment` with the digest of its token.
+fn lease_row_with_token(
+    conn: &rusqlite::Connection,
+    environment: &str,
+) -> rusqlite::Result<Option<(Lease, Option<String>)>> {
+    conn.query_row(
+        &format!("SELECT {COLUMNS}, token_sha256 FROM leases WHERE environment = ?1"),
+        [environment],
+        |r| Ok((from_row(r)?, r.get(6)?)),
+    )
+    .optional()
+}
+
 impl Store {
     /// The lease row of `environment`, expired or not.
     pub fn lease(&self, environment: &str) -> Result<Option<Lease>, StoreError> {
@@ -113,45 +191,40 @@ impl Store {
         Ok(self.lease(environment)?.filter(|l| !expired(l, now)))
     }
 
-    /// Takes the lease for `ttl` from `now`. The same owner asking again
-    /// extends it; another owner's lease in force is [`LeaseError::Held`];
-    /// an expired one is replaced (and returned in `took_over`).
-    pub fn acquire_lease(
-        &self,
-        environment: &str,
-        deployment_id: &str,
-        identity: &str,
-        purpose: Option<&str>,
-        ttl: Duration,
-        now: jiff::Timestamp,
-    ) -> Result<Acquired, LeaseError> {
+    /// Takes the lease for `ask.ttl` from `ask.now`. The same owner asking
+    /// again extends it; another owner's lease in force is
+    /// [`LeaseError::Held`]; an expired one is replaced (and returned in
+    /// `took_over`). Either way the lease keeps `ask.token_sha256` from now on.
+    pub fn acquire_lease(&self, ask: &LeaseAsk<'_>) -> Result<Acquired, LeaseError> {
         const OP: &str = "taking the environment lease";
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sql(OP))?;
-        let existing = lease_row(&tx, environment).map_err(self.sql(OP))?;
+        let existing = lease_row(&tx, ask.environment).map_err(self.sql(OP))?;
         let (acquired_at, took_over, extended) = match existing {
-            Some(l) if same_owner(&l, deployment_id, identity) => (l.acquired_at, None, true),
-            Some(l) if !expired(&l, now) => return Err(LeaseError::Held(Box::new(l))),
-            Some(l) => (ts(now), Some(l), false),
-            None => (ts(now), None, false),
+            Some(l) if same_owner(&l, ask.deployment_id, ask.identity) => {
+                (l.acquired_at, None, true)
+            }
+            Some(l) if !expired(&l, ask.now) => return Err(LeaseError::Held(Box::new(l))),
+            Some(l) => (ts(ask.now), Some(l), false),
+            None => (ts(ask.now), None, false),
         };
         let lease = Lease {
-            environment: environment.to_string(),
-            deployment_id: deployment_id.to_string(),
-            identity: identity.to_string(),
-            purpose: purpose.map(str::to_string),
+            environment: ask.environment.to_string(),
+            deployment_id: ask.deployment_id.to_string(),
+            identity: ask.identity.to_string(),
+            purpose: ask.purpose.map(str::to_string),
             acquired_at,
-            expires_at: ts(plus(now, ttl)),
+            expires_at: ts(plus(ask.now, ask.ttl)),
         };
         tx.execute(
             &format!(
-                "INSERT INTO leases ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO leases ({COLUMNS}, token_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (environment) DO UPDATE SET
                     deployment_id = excluded.deployment_id, identity = excluded.identity,
                     purpose = excluded.purpose, acquired_at = excluded.acquired_at,
-                    expires_at = excluded.expires_at"
+                    expires_at = excluded.expires_at, token_sha256 = excluded.token_sha256"
             ),
             params![
                 lease.environment,
@@ -159,7 +232,8 @@ impl Store {
                 lease.identity,
                 lease.purpose,
                 lease.acquired_at,
-                lease.expires_at
+                lease.expires_at,
+                ask.token_sha256
             ],
         )
         .map_err(self.sql(OP))?;
@@ -239,24 +313,29 @@ impl Store {
 
     // --- SSH fallback -------------------------------------------
 
-    /// Hands deployment `deployment_id`'s lease from identity `from` to
-    /// identity `to`, for `ttl` from `now`: the controller that took the
-    /// lease over mutual TLS (`mtls:<CN>`) lost the agent's HTTPS API and
-    /// carries on over SSH (`ssh:…`). Only a lease of that same deployment
-    /// held by `from` is handed over (expired or not, as long as nobody took
-    /// it over); `to` already holding it just extends it; otherwise this is
-    /// [`Store::acquire_lease`] (so another deployment's lease in force is
-    /// [`LeaseError::Held`]). `Ok((acquired, true))` when it was handed over.
-    #[allow(clippy::too_many_arguments)]
+    /// Hands deployment `ask.deployment_id`'s lease from identity `from` to
+    /// `ask.identity`, for `ask.ttl` from `ask.now`: the controller that
+    /// took the lease over mutual TLS (`mtls:<CN>`) lost the agent's HTTPS
+    /// API and carries on over SSH (`ssh:…`).
+    ///
+    /// `proof_sha256` is the SHA-256 (hex) of the token the caller showed:
+    /// it must be the lease's, which only the caller that took it learnt.
+    /// Anyone can name the holder and read the deployment id; only the
+    /// holder has the token. So:
+    /// - `ask.identity` already holding it: it is extended (no proof needed,
+    ///   it is the caller's own);
+    /// - held by `from` within that deployment (expired or not, as long as
+    ///   nobody took it over): handed over with the right token, else
+    ///   [`LeaseError::NoProof`] and nothing changes;
+    /// - otherwise this is [`Store::acquire_lease`] (so another
+    ///   deployment's lease in force is [`LeaseError::Held`]).
+    ///
+    /// `Ok((acquired, true))` when it was handed over.
     pub fn hand_over_lease(
         &self,
-        environment: &str,
-        deployment_id: &str,
+        ask: &LeaseAsk<'_>,
         from: &str,
-        to: &str,
-        purpose: Option<&str>,
-        ttl: Duration,
-        now: jiff::Timestamp,
+        proof_sha256: Option<&str>,
     ) -> Result<(Acquired, bool), LeaseError> {
         const OP: &str = "handing the environment lease over";
         {
@@ -264,16 +343,40 @@ impl Store {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(self.sql(OP))?;
-            let existing = lease_row(&tx, environment).map_err(self.sql(OP))?;
-            if let Some(mut lease) = existing.filter(|l| same_owner(l, deployment_id, from)) {
-                lease.identity = to.to_string();
-                lease.expires_at = ts(plus(now, ttl));
-                if let Some(p) = purpose {
+            let existing = lease_row_with_token(&tx, ask.environment).map_err(self.sql(OP))?;
+            let held_by_from = existing.filter(|(l, _)| {
+                !same_owner(l, ask.deployment_id, ask.identity)
+                    && same_owner(l, ask.deployment_id, from)
+            });
+            if let Some((mut lease, kept)) = held_by_from {
+                let proof = match (kept.as_deref(), proof_sha256) {
+                    (None, _) => Some(Proof::NoneKept),
+                    (Some(_), None) => Some(Proof::Missing),
+                    (Some(kept), Some(shown)) if !same_digest(kept, shown) => Some(Proof::Wrong),
+                    (Some(_), Some(_)) => None,
+                };
+                if let Some(proof) = proof {
+                    return Err(LeaseError::NoProof {
+                        lease: Box::new(lease),
+                        from: from.to_string(),
+                        proof,
+                    });
+                }
+                lease.identity = ask.identity.to_string();
+                lease.expires_at = ts(plus(ask.now, ask.ttl));
+                if let Some(p) = ask.purpose {
                     lease.purpose = Some(p.to_string());
                 }
                 tx.execute(
-                    "UPDATE leases SET identity = ?2, expires_at = ?3, purpose = ?4 WHERE environment = ?1",
-                    params![environment, lease.identity, lease.expires_at, lease.purpose],
+                    "UPDATE leases SET identity = ?2, expires_at = ?3, purpose = ?4, token_sha256 = ?5
+                     WHERE environment = ?1",
+                    params![
+                        ask.environment,
+                        lease.identity,
+                        lease.expires_at,
+                        lease.purpose,
+                        ask.token_sha256
+                    ],
                 )
                 .map_err(self.sql(OP))?;
                 tx.commit().map_err(self.sql(OP))?;
@@ -287,8 +390,7 @@ impl Store {
                 ));
             }
         }
-        self.acquire_lease(environment, deployment_id, to, purpose, ttl, now)
-            .map(|a| (a, false))
+        self.acquire_lease(ask).map(|a| (a, false))
     }
 
     // --- end SSH fallback ---------------------------------------------------
@@ -310,17 +412,50 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(10);
 
+    /// The digest of the token `n` (what the engine stores).
+    fn digest(n: u8) -> String {
+        format!("{n:064x}")
+    }
+
+    const TOKEN: &str = "00000000000000000000000000000000000000000000000000000000000000aa";
+
+    fn ask<'a>(
+        environment: &'a str,
+        deployment_id: &'a str,
+        identity: &'a str,
+        purpose: Option<&'a str>,
+        ttl: Duration,
+        now: jiff::Timestamp,
+    ) -> LeaseAsk<'a> {
+        LeaseAsk {
+            environment,
+            deployment_id,
+            identity,
+            purpose,
+            ttl,
+            now,
+            token_sha256: TOKEN,
+        }
+    }
+
     #[test]
     fn first_taker_wins_and_the_second_learns_who_holds_it() {
         let (_d, s) = store();
         let a = s
-            .acquire_lease("prod", "d1", "mtls:ci", Some("deploy of v2"), TTL, t(0))
+            .acquire_lease(&ask(
+                "prod",
+                "d1",
+                "mtls:ci",
+                Some("deploy of v2"),
+                TTL,
+                t(0),
+            ))
             .unwrap();
         assert_eq!(a.took_over, None);
         assert!(!a.extended);
         assert_eq!(a.lease.deployment_id, "d1");
         let err = s
-            .acquire_lease("prod", "d2", "mtls:other", None, TTL, t(5))
+            .acquire_lease(&ask("prod", "d2", "mtls:other", None, TTL, t(5)))
             .unwrap_err();
         let LeaseError::Held(h) = &err else {
             panic!("{err}")
@@ -329,7 +464,7 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("d1") && msg.contains("mtls:ci") && msg.contains("deploy of v2"));
         // Other environments are independent.
-        s.acquire_lease("staging", "d2", "mtls:other", None, TTL, t(5))
+        s.acquire_lease(&ask("staging", "d2", "mtls:other", None, TTL, t(5)))
             .unwrap();
     }
 
@@ -337,10 +472,10 @@ mod tests {
     fn the_owner_reacquires_and_renews() {
         let (_d, s) = store();
         let a = s
-            .acquire_lease("prod", "d1", "mtls:ci", None, TTL, t(0))
+            .acquire_lease(&ask("prod", "d1", "mtls:ci", None, TTL, t(0)))
             .unwrap();
         let again = s
-            .acquire_lease("prod", "d1", "mtls:ci", None, TTL, t(3))
+            .acquire_lease(&ask("prod", "d1", "mtls:ci", None, TTL, t(3)))
             .unwrap();
         assert!(again.extended);
         assert_eq!(again.lease.acquired_at, a.lease.acquired_at);
@@ -354,12 +489,12 @@ mod tests {
     #[test]
     fn an_expired_lease_is_taken_over_and_its_owner_cannot_renew_it() {
         let (_d, s) = store();
-        s.acquire_lease("prod", "d1", "mtls:ci", None, TTL, t(0))
+        s.acquire_lease(&ask("prod", "d1", "mtls:ci", None, TTL, t(0)))
             .unwrap();
         assert!(s.active_lease("prod", t(9)).unwrap().is_some());
         assert!(s.active_lease("prod", t(10)).unwrap().is_none());
         let b = s
-            .acquire_lease("prod", "d2", "mtls:ci", None, TTL, t(11))
+            .acquire_lease(&ask("prod", "d2", "mtls:ci", None, TTL, t(11)))
             .unwrap();
         assert_eq!(b.took_over.unwrap().deployment_id, "d1");
         let err = s
@@ -372,20 +507,29 @@ mod tests {
     #[test]
     fn a_lease_is_handed_over_from_mtls_to_ssh_only_within_its_deployment() {
         let (_d, s) = store();
-        s.acquire_lease("prod", "d1", "mtls:ci", None, TTL, t(0))
+        s.acquire_lease(&ask("prod", "d1", "mtls:ci", None, TTL, t(0)))
             .unwrap();
+        let root_token = digest(2);
+        let to_root = |at| LeaseAsk {
+            token_sha256: &root_token,
+            ..ask("prod", "d1", "ssh:root", None, TTL, t(at))
+        };
         // Another deployment cannot use it to take the lease.
         let err = s
-            .hand_over_lease("prod", "d2", "mtls:ci", "ssh:root", None, TTL, t(1))
+            .hand_over_lease(
+                &ask("prod", "d2", "ssh:root", None, TTL, t(1)),
+                "mtls:ci",
+                Some(TOKEN),
+            )
             .unwrap_err();
         assert!(matches!(err, LeaseError::Held(_)), "{err}");
         // Nor can a claim of another holder.
         let err = s
-            .hand_over_lease("prod", "d1", "mtls:other", "ssh:root", None, TTL, t(1))
+            .hand_over_lease(&to_root(1), "mtls:other", Some(TOKEN))
             .unwrap_err();
         assert!(matches!(err, LeaseError::Held(_)), "{err}");
         let (a, handed) = s
-            .hand_over_lease("prod", "d1", "mtls:ci", "ssh:root", None, TTL, t(2))
+            .hand_over_lease(&to_root(2), "mtls:ci", Some(TOKEN))
             .unwrap();
         assert!(handed);
         assert_eq!(a.lease.identity, "ssh:root");
@@ -393,9 +537,10 @@ mod tests {
             s.active_lease("prod", t(3)).unwrap().unwrap().identity,
             "ssh:root"
         );
-        // Asking again: the new holder extends it.
+        // Asking again (an answer that was lost): the new holder extends
+        // it, whatever token it shows.
         let (a, handed) = s
-            .hand_over_lease("prod", "d1", "mtls:ci", "ssh:root", None, TTL, t(4))
+            .hand_over_lease(&to_root(4), "mtls:ci", Some(TOKEN))
             .unwrap();
         assert!(!handed && a.extended);
         s.renew_lease("prod", "d1", "ssh:root", TTL, t(5)).unwrap();
@@ -403,11 +548,120 @@ mod tests {
         assert!(s.release_lease("prod", "d1", "ssh:root").unwrap().is_some());
     }
 
+    /// Naming the holder and the deployment is not enough: both are
+    /// readable by anyone. Without the lease's token nothing changes.
+    #[test]
+    fn a_hand_over_needs_the_leases_token() {
+        let (_d, s) = store();
+        s.acquire_lease(&ask("prod", "d1", "mtls:ci", None, TTL, t(0)))
+            .unwrap();
+        let thief = LeaseAsk {
+            token_sha256: &digest(9),
+            ..ask("prod", "d1", "ssh:mallory", None, TTL, t(1))
+        };
+        for (shown, expected) in [(None, Proof::Missing), (Some(digest(7)), Proof::Wrong)] {
+            let err = s
+                .hand_over_lease(&thief, "mtls:ci", shown.as_deref())
+                .unwrap_err();
+            let LeaseError::NoProof { lease, from, proof } = &err else {
+                panic!("{err}")
+            };
+            assert_eq!(*proof, expected);
+            assert_eq!(
+                (lease.identity.as_str(), from.as_str()),
+                ("mtls:ci", "mtls:ci")
+            );
+            assert!(err.to_string().contains("held by mtls:ci"), "{err}");
+        }
+        // Still the holder's, with its token.
+        assert_eq!(s.lease("prod").unwrap().unwrap().identity, "mtls:ci");
+        s.renew_lease("prod", "d1", "mtls:ci", TTL, t(2)).unwrap();
+
+        // The holder asking again gets a new token: the old one proves
+        // nothing any more.
+        let again = LeaseAsk {
+            token_sha256: &digest(3),
+            ..ask("prod", "d1", "mtls:ci", None, TTL, t(3))
+        };
+        assert!(s.acquire_lease(&again).unwrap().extended);
+        let err = s
+            .hand_over_lease(&thief, "mtls:ci", Some(TOKEN))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LeaseError::NoProof {
+                    proof: Proof::Wrong,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let (_, handed) = s
+            .hand_over_lease(&thief, "mtls:ci", Some(&digest(3)))
+            .unwrap();
+        assert!(handed);
+        // Handed over, the lease has the new holder's token: the one that
+        // was shown cannot hand it on again.
+        let next = LeaseAsk {
+            token_sha256: &digest(4),
+            ..ask("prod", "d1", "ssh:eve", None, TTL, t(4))
+        };
+        let err = s
+            .hand_over_lease(&next, "ssh:mallory", Some(&digest(3)))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LeaseError::NoProof {
+                    proof: Proof::Wrong,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    /// A lease taken before tokens were kept cannot be handed over.
+    #[test]
+    fn a_lease_without_a_token_is_not_handed_over() {
+        let (dir, s) = store();
+        s.acquire_lease(&ask("prod", "d1", "mtls:ci", None, TTL, t(0)))
+            .unwrap();
+        rusqlite::Connection::open(dir.path().join("state.db"))
+            .unwrap()
+            .execute("UPDATE leases SET token_sha256 = NULL", [])
+            .unwrap();
+        let err = s
+            .hand_over_lease(
+                &ask("prod", "d1", "ssh:root", None, TTL, t(1)),
+                "mtls:ci",
+                Some(TOKEN),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LeaseError::NoProof {
+                    proof: Proof::NoneKept,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("before this agent kept lease tokens")
+        );
+        assert!(same_digest(TOKEN, TOKEN) && !same_digest(TOKEN, &digest(1)));
+        assert!(!same_digest(TOKEN, ""));
+    }
+
     #[test]
     fn release_only_by_the_owner() {
         let (_d, s) = store();
         assert_eq!(s.release_lease("prod", "d1", "mtls:ci").unwrap(), None);
-        s.acquire_lease("prod", "d1", "mtls:ci", None, TTL, t(0))
+        s.acquire_lease(&ask("prod", "d1", "mtls:ci", None, TTL, t(0)))
             .unwrap();
         assert!(matches!(
             s.release_lease("prod", "d2", "mtls:ci"),
@@ -420,7 +674,7 @@ mod tests {
         ));
         assert!(s.release_lease("prod", "d1", "mtls:ci").unwrap().is_some());
         assert_eq!(s.lease("prod").unwrap(), None);
-        s.acquire_lease("prod", "d2", "mtls:x", None, TTL, t(1))
+        s.acquire_lease(&ask("prod", "d2", "mtls:x", None, TTL, t(1)))
             .unwrap();
     }
 }

@@ -132,6 +132,13 @@ const MIGRATIONS: &[&str] = &[
         SELECT RAISE(ABORT, 'the audit head cannot be deleted');
     END;
     "#,
+    // v5: the SHA-256 (hex) of the lease's secret token, which only the
+    // caller that took the lease learnt and which a hand-over of the lease
+    // must show (see `store::lease`). A lease taken before has none: it
+    // cannot be handed over until its holder asks for it again.
+    r#"
+    ALTER TABLE leases ADD COLUMN token_sha256 TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -252,6 +259,27 @@ mod tests {
         assert!(err.to_string().contains("cannot be deleted"), "{err}");
         conn.execute("UPDATE audit_head SET seq = 3, hash = 'c'", [])
             .unwrap();
+    }
+
+    /// A v4 store keeps its lease, with no token: nobody can hand it over
+    /// until its holder takes it again.
+    #[test]
+    fn v4_stores_migrate_to_v5_keeping_their_lease_without_a_token() {
+        let mut conn = at_version(4);
+        conn.execute(
+            "INSERT INTO leases (environment, deployment_id, identity, purpose, acquired_at, expires_at) \
+             VALUES ('production', 'd1', 'mtls:ci', 'deploy of v2', '2026-11-01T00:00:00.000Z', '2026-11-01T00:01:00.000Z')",
+            [],
+        )
+        .unwrap();
+        assert!(migrate(&mut conn).is_ok());
+        assert_eq!(user_version(&conn).unwrap(), SCHEMA_VERSION);
+        let (id, token): (String, Option<String>) = conn
+            .query_row("SELECT identity, token_sha256 FROM leases", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((id.as_str(), token), ("mtls:ci", None));
     }
 
     #[test]

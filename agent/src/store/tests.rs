@@ -1533,9 +1533,12 @@ fn v3_store_with_audit_records_verifies_after_the_upgrade() {
     let (_dir, path, store) = fresh();
     append_n(&store, 3);
     drop(store);
-    // What a v3 store looks like: no audit_head table.
+    // What a v3 store looks like: no audit_head table, no lease tokens.
     raw(&path)
-        .execute_batch("DROP TABLE audit_head; PRAGMA user_version = 3;")
+        .execute_batch(
+            "DROP TABLE audit_head; ALTER TABLE leases DROP COLUMN token_sha256; \
+             PRAGMA user_version = 3;",
+        )
         .unwrap();
     let store = Store::open(&path).unwrap();
     assert!(matches!(

@@ -184,7 +184,7 @@ impl AgentClient {
     pub async fn lock(&self, req: &LeaseRequest) -> Result<LeaseGranted, CallError> {
         let (granted, via) = self.request::<call::TakeLease>(req, CALL_TIMEOUT).await?;
         if via == Via::Agent {
-            self.route.held_over_mtls(req);
+            self.route.held_over_mtls(req, granted.token.clone());
         }
         Ok(granted)
     }

@@ -91,7 +91,9 @@ impl AgentClient {
         let Some(settings) = &self.route.ssh else {
             return Err(self.ssh_error("this host has no SSH details".into(), agent));
         };
-        // A lease taken over mutual TLS is handed to the SSH identity first.
+        // A lease taken over mutual TLS is handed to the SSH identity first,
+        // with the token the agent gave this controller in its `lock` answer
+        // (the proof that it is the holder; `held` carries it).
         let handover = self.route.with_state(|s| s.pending_handover.take());
         if let Some(mut held) = handover {
             held.hand_over_from = self

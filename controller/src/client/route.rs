@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deploy_protocol::ops::Call;
-use deploy_protocol::{Event, LeaseRequest, Op, OperationResult, ServedBy};
+use deploy_protocol::{Event, LeaseRequest, LeaseToken, Op, OperationResult, ServedBy};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -66,8 +66,9 @@ pub(super) struct Route {
 pub(super) struct RouteState {
     /// Why this host is on SSH (sticky for the rest of the run).
     pub(super) on_ssh: Option<String>,
-    /// The lease this run took over mutual TLS (to hand over if the host
-    /// falls back to SSH).
+    /// The lease this run took over mutual TLS, with the token of the
+    /// agent's newest answer: what hands it over if the host falls back to
+    /// SSH.
     pub(super) held: Option<LeaseRequest>,
     pub(super) pending_handover: Option<LeaseRequest>,
     /// A host key accepted as new in this run, not yet told to the agent.
@@ -105,8 +106,14 @@ impl Route {
         }
     }
 
-    pub(super) fn held_over_mtls(&self, req: &LeaseRequest) {
-        self.with_state(|s| s.held = Some(req.clone()));
+    /// A `lock` answered over mutual TLS: the lease and its token (none
+    /// from an agent that predates them), for a hand-over to SSH.
+    pub(super) fn held_over_mtls(&self, req: &LeaseRequest, token: Option<LeaseToken>) {
+        let held = LeaseRequest {
+            hand_over_token: token,
+            ..req.clone()
+        };
+        self.with_state(|s| s.held = Some(held));
     }
 
     pub(super) fn released(&self) {
@@ -291,5 +298,30 @@ impl AgentClient {
             }
             r => r,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_held_over_mtls_keeps_the_token_of_the_newest_answer() {
+        let route = Route::agent_only();
+        let req = LeaseRequest {
+            deployment_id: "d1".into(),
+            ttl_ms: 30_000,
+            purpose: None,
+            hand_over_from: None,
+            hand_over_token: None,
+        };
+        let held = || route.with_state(|s| s.held.clone());
+        route.held_over_mtls(&req, Some(LeaseToken::new("first")));
+        route.held_over_mtls(&req, Some(LeaseToken::new("second")));
+        let h = held().expect("held");
+        assert_eq!(h.deployment_id, "d1");
+        assert_eq!(h.hand_over_token, Some(LeaseToken::new("second")));
+        route.released();
+        assert!(held().is_none());
     }
 }

@@ -123,11 +123,12 @@ pub fn warnings(lines: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// `ssh:USER key=SHA256:… from=127.0.0.1 controller=CN`: what the agent
-/// records for this sshd's client key.
+/// `ssh:USER (claimed: key=SHA256:… from=127.0.0.1 controller=CN)`: what
+/// the agent records for this sshd's client key (the user is the kernel's;
+/// the rest is what `serve-stdio`'s environment and request said).
 pub fn ssh_who(sshd: &Sshd, controller: &str) -> String {
     format!(
-        "ssh:{} key={} from=127.0.0.1 controller={controller}",
+        "ssh:{} (claimed: key={} from=127.0.0.1 controller={controller})",
         Sshd::user(),
         sshd.client_key.fingerprint
     )
