@@ -1,5 +1,5 @@
 //! Host keys over SSH are verified against the inventory's known_hosts
-//! (issue 5): an unknown key and a changed key are refused with an error
+//!: an unknown key and a changed key are refused with an error
 //! that names the host and the file, and nothing is deployed there (not
 //! even a pre-pull: the controller never logs in). `--accept-new-host-keys`
 //! accepts an unknown key (never a changed one), says so loudly, records

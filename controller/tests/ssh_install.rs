@@ -1,4 +1,4 @@
-//! `deploy-controller install` over SSH (issue 5): the deploy-agent binary,
+//! `deploy-controller install` over SSH: the deploy-agent binary,
 //! the systemd units, the host's agent.toml and the certificates it names
 //! land on the host (here under `install.root`, a staging directory, since
 //! the test machine's own /usr and /etc are not ours to change); a second

@@ -1,4 +1,4 @@
-//! The SSH fallback on a three-host environment (issue 5): host `b`'s
+//! The SSH fallback on a three-host environment: host `b`'s
 //! control daemon is stopped (its proxy keeps serving). A deploy reaches
 //! `b` over SSH — `deploy-agent serve-stdio` does the work itself under the
 //! host lock — and `a`, `c` over mutual TLS; all end on the new release with

@@ -1,4 +1,4 @@
-//! When the SSH fallback applies, and when it must not (issue 5).
+//! When the SSH fallback applies, and when it must not.
 //!
 //! - Falls back: host `x`'s agent presents an EXPIRED certificate (the TLS
 //!   handshake fails) and host `y`'s agent address is a port that accepts

@@ -16,7 +16,7 @@
 //! - [`PrivateRegistry`]: a throw-away registry on a free port, for tests that
 //!   stop their registry.
 //! - [`Compose`]: compose files for the demo images.
-//! - [`sshd::Sshd`]: a throw-away OpenSSH server on 127.0.0.1 (issue 5).
+//! - [`sshd::Sshd`]: a throw-away OpenSSH server on 127.0.0.1.
 //! - [`wait_sigterm_trap`]: to `docker stop` a test image's container right
 //!   after starting it (before its trap, the kernel drops the SIGTERM).
 //!
@@ -28,7 +28,7 @@ mod harness;
 mod http;
 mod load;
 mod registry;
-pub mod sshd; // issue 5: a throw-away sshd for the SSH transport's tests
+pub mod sshd; // a throw-away sshd for the SSH transport's tests
 
 pub use compose::{Compose, Health, Service};
 pub use env::{

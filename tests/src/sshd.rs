@@ -1,5 +1,5 @@
 //! A throw-away OpenSSH server on 127.0.0.1 for the SSH transport's tests
-//! (issue 5): its own host key, a client key pair in `authorized_keys`, a
+//!: its own host key, a client key pair in `authorized_keys`, a
 //! `known_hosts` file that lists the host key, `ExposeAuthInfo yes` (so the
 //! remote command can tell which key logged in), on a free high port.
 //!

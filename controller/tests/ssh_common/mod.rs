@@ -1,4 +1,4 @@
-//! Shared by the SSH transport's tests (controller/tests/ssh_*.rs, issue 5):
+//! Shared by the SSH transport's tests (controller/tests/ssh_*.rs):
 //! inventories whose hosts have SSH details pointing at a throw-away sshd
 //! on 127.0.0.1 (`deploy_testkit::sshd::Sshd`), where the remote command
 //! runs this workspace's `deploy-agent` binary with the host's state dir
