@@ -145,6 +145,7 @@ impl AgentClient {
             host: host.name.clone(),
             addr: host.agent.clone(),
             http,
+            tls: None,
             route: Arc::new(Route {
                 transport,
                 ssh: host.ssh.clone(),
