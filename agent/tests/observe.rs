@@ -260,7 +260,7 @@ fn no_wait_returns_at_the_switch_and_the_daemon_rolls_back_by_itself() {
 
 /// A release that fails its health gate before the switch never received a
 /// request: the output says so (no "switching back", no switch-back time),
-/// and the gate it names is the one check that failed. A switch names the
+/// and the gate it names is the one check that failed, not every service's. A switch names the
 /// replicas that take the traffic, never an empty list. For people (not a
 /// terminal), progress lines carry millisecond timestamps.
 #[test]
@@ -270,7 +270,7 @@ fn a_release_that_fails_before_the_switch_never_had_traffic_and_says_so() {
     let file = h.write_file(
         "compose.yml",
         &format!(
-            "services:\n  web:\n    image: 127.0.0.1:5000/demo:${{TAG}}\n    ports: [\"127.0.0.1:{port}:80\"]\n    x-deploy:\n      health: {{http: /health, interval: 300ms, deadline: 4s}}\n      drain_timeout: 2s\n"
+            "services:\n  web:\n    image: 127.0.0.1:5000/demo:${{TAG}}\n    ports: [\"127.0.0.1:{port}:80\"]\n    x-deploy:\n      health: {{http: /health, interval: 300ms, deadline: 4s}}\n      drain_timeout: 2s\n  worker:\n    image: 127.0.0.1:5000/demo:noport\n    x-deploy:\n      health: {{exec: \"true\", interval: 300ms}}\n"
         ),
     );
     deploy(&h, &file, "one", "v1", &[]).expect_code(0);
@@ -288,6 +288,12 @@ fn a_release_that_fails_before_the_switch_never_had_traffic_and_says_so() {
         [
             "switching all of web's traffic to two replicas [0]; one's replicas stay warm (retries only) until the commit"
         ],
+        "{out}"
+    );
+    // A success names every gate that passed.
+    assert_eq!(
+        out.result()["gate"],
+        "web: http GET /health on port 80; worker: exec true",
         "{out}"
     );
     h.wait_serving(port, "v2", Duration::from_secs(10));

@@ -112,6 +112,19 @@ fn certificates_roles_and_handshakes() {
         &["deploy", "--env", ENV, "--release", "v2", "--var", "TAG=v2"],
     );
     r.expect_code(6);
+    // Said once: the error line, not again in the summary under it.
+    assert_eq!(
+        r.text()
+            .matches("pre-pull failed, nothing was changed")
+            .count(),
+        1,
+        "{r}"
+    );
+    assert!(
+        r.stdout
+            .contains("deploy v2 of web to production: refused (exit 6)"),
+        "{r}"
+    );
     for needle in [
         "mtls:ci-staging",
         "environment production",
