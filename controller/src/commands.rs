@@ -336,7 +336,7 @@ pub async fn history(
         } else {
             println!(
                 "{}  {:<14} {:<9} {:<14} {:<18} from {:<12} by {}{}",
-                e.started_at,
+                timestamp::for_people(&e.started_at),
                 host,
                 e.operation.as_str(),
                 e.release,
@@ -426,7 +426,12 @@ pub async fn approve(
                 } else {
                     println!(
                         "{}: {} approved {} of {} (audit record {} at {})",
-                        c.host, r.who, r.release, r.project, r.seq, r.ts
+                        c.host,
+                        r.who,
+                        r.release,
+                        r.project,
+                        r.seq,
+                        timestamp::for_people(&r.ts)
                     );
                 }
             }
@@ -534,7 +539,7 @@ pub async fn audit(
         } else {
             println!(
                 "{}  {:<14} #{:<5} {:<22} {:<24} {} {} {}",
-                r.ts,
+                timestamp::for_people(&r.ts),
                 host,
                 r.seq,
                 r.who,
