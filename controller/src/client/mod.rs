@@ -27,7 +27,8 @@
 //! agent that answered — 403, 409 locked, any 4xx/5xx, a policy refusal,
 //! or a TLS alert refusing our certificate (expired, unknown CA, bad
 //! usage: exit 6, so that an expired CI certificate is renewed rather
-//! than hidden by SSH) — is never routed around: its answer is the result. Once a host has fallen back it
+//! than hidden by SSH) — is never routed around: its answer is the
+//! result. Once a host has fallen back it
 //! stays on SSH for the rest of the run (said once, loudly). If the lease
 //! was taken over mutual TLS before the agent became unreachable, it is
 //! handed over to the SSH identity first (`hand_over_from`).

@@ -147,7 +147,11 @@ impl AgentClient {
             let tell = self.route.with_state(|s| {
                 s.served_by = Some(by);
                 let tell = by == ServedBy::InProcess && changes && !s.told_in_process;
-                s.told_in_process = by == ServedBy::InProcess && (tell || s.told_in_process);
+                if by != ServedBy::InProcess {
+                    s.told_in_process = false;
+                } else if tell {
+                    s.told_in_process = true;
+                }
                 tell
             });
             if tell {
