@@ -13,7 +13,7 @@ use deploy_agent::local::{Local, Reply};
 use deploy_agent::store::{AuditHead, AuditVerification, BreakKind, Store, StoreError};
 use deploy_agent::wire::{
     Caller, DeployRequest, Event, HistoryEntry, Op, Outcome, Query, RollbackRequest, StatusReport,
-    exit,
+    exit, timestamp,
 };
 use deploy_agent::{api, daemon, proxy};
 
@@ -430,7 +430,7 @@ fn history(state_dir: &Path, project: &str, json: bool) -> anyhow::Result<i32> {
         } else {
             println!(
                 "{}  {:<9} {:<12} {:<18} from {:<12} by {}{}",
-                h.started_at,
+                timestamp::for_people(&h.started_at),
                 h.operation.as_str(),
                 h.release,
                 h.outcome.map(Outcome::as_str).unwrap_or("in progress"),
@@ -665,7 +665,7 @@ impl Printer {
                 let ts = if self.tty {
                     String::new()
                 } else {
-                    format!("{} ", p.ts)
+                    format!("{} ", timestamp::for_people(&p.ts))
                 };
                 let svc = p.service.map(|s| format!("[{s}] ")).unwrap_or_default();
                 println!("{ts}{} {}: {svc}{}", p.project, p.step, p.message);
@@ -693,10 +693,17 @@ impl Printer {
                             .unwrap_or_default()
                     ));
                 }
+                // Only reported when traffic had moved to the failed release.
                 if let Some(ms) = r.switch_back_ms {
-                    extra.push(format!(
-                        "  traffic was back on the previous release {ms} ms after the decision to roll back"
-                    ));
+                    extra.push(match &r.serving {
+                        Some(back) => format!(
+                            "  traffic was back on release {back} {ms} ms after the decision to roll back"
+                        ),
+                        None => format!(
+                            "  {}'s ports were out of the proxy {ms} ms after the decision to roll back",
+                            r.release
+                        ),
+                    });
                 }
                 if r.outcome == Outcome::Succeeded {
                     println!("{line}");
@@ -754,7 +761,10 @@ fn print_status(report: &StatusReport) {
             "{}: serving {} since {} (previous: {})",
             p.project,
             p.current.as_deref().unwrap_or("nothing"),
-            p.since.as_deref().unwrap_or("-"),
+            p.since
+                .as_deref()
+                .map(timestamp::for_people)
+                .unwrap_or_else(|| "-".into()),
             p.previous.as_deref().unwrap_or("-")
         );
         if let Some(op) = &p.operation {

@@ -303,6 +303,28 @@ impl Rollout {
         self.failure.as_ref()
     }
 
+    /// Whether `service`'s requests may have gone to the target: one of its
+    /// route or canary steps was taken, or was being taken when the rollout
+    /// failed or was interrupted (a step is persisted before it is taken).
+    /// `false`: the previous release took every request throughout, so an
+    /// undo has no traffic to switch back.
+    pub fn traffic_moved(&self, service: &str) -> bool {
+        self.forward[..=self.cursor.min(self.commit_at)]
+            .iter()
+            .any(|step| {
+                matches!(step, Step::Route { .. } | Step::Canary { .. })
+                    && step.service() == Some(service)
+            })
+    }
+
+    /// Whether any service's requests may have gone to the target.
+    pub fn any_traffic_moved(&self) -> bool {
+        self.plan
+            .services
+            .iter()
+            .any(|s| self.traffic_moved(&s.service))
+    }
+
     /// The step to take now, or how the rollout ended.
     pub fn next(&self) -> Decision {
         match &self.failure {
@@ -797,6 +819,54 @@ mod tests {
                 }
                 other => panic!("expected rollback, got {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn traffic_has_moved_only_once_a_route_or_canary_step_was_taken() {
+        // web: start, gate, smoke (before), canary 10, hold, route, drain, smoke (after).
+        let p = Plan {
+            services: vec![svc("web", 1, 1, 1, true), svc("worker", 1, 1, 1, false)],
+            smoke: Some("web".into()),
+            canary: vec![10],
+            ..plan(vec![])
+        };
+        let forward = Rollout::new(p.clone()).forward.clone();
+        let first_move = forward
+            .iter()
+            .position(|s| s.name() == "canary")
+            .expect("a canary step");
+        for (k, step) in forward.iter().enumerate() {
+            let mut r = Rollout::new(p.clone());
+            for _ in 0..k {
+                r.observe(Observation::Succeeded);
+            }
+            if r.committed() {
+                break;
+            }
+            r.observe(Observation::Failed {
+                kind: FailureKind::HealthGate,
+                reason: "boom".into(),
+            });
+            assert_eq!(
+                r.traffic_moved("web"),
+                k >= first_move,
+                "failing at step {k} ({})",
+                step.name()
+            );
+            assert_eq!(r.any_traffic_moved(), k >= first_move);
+            assert!(!r.traffic_moved("worker"), "worker is not routed");
+            // An interruption at the same step tells the same.
+            let mut crashed = Rollout::new(p.clone());
+            for _ in 0..k {
+                crashed.observe(Observation::Succeeded);
+            }
+            crashed.recover(false);
+            assert_eq!(
+                crashed.traffic_moved("web"),
+                k >= first_move,
+                "crash at {k}"
+            );
         }
     }
 

@@ -257,3 +257,98 @@ fn no_wait_returns_at_the_switch_and_the_daemon_rolls_back_by_itself() {
     h.assert_serving(port, "v1");
     h.assert_current(PROJECT, "good");
 }
+
+/// A release that fails its health gate before the switch never received a
+/// request: the output says so (no "switching back", no switch-back time),
+/// and the gate it names is the one check that failed, not every service's. A switch names the
+/// replicas that take the traffic, never an empty list. For people (not a
+/// terminal), progress lines carry millisecond timestamps.
+#[test]
+fn a_release_that_fails_before_the_switch_never_had_traffic_and_says_so() {
+    let h = Harness::new(BIN);
+    let port = h.free_port();
+    let file = h.write_file(
+        "compose.yml",
+        &format!(
+            "services:\n  web:\n    image: 127.0.0.1:5000/demo:${{TAG}}\n    ports: [\"127.0.0.1:{port}:80\"]\n    x-deploy:\n      health: {{http: /health, interval: 300ms, deadline: 4s}}\n      drain_timeout: 2s\n  worker:\n    image: 127.0.0.1:5000/demo:noport\n    x-deploy:\n      health: {{exec: \"true\", interval: 300ms}}\n"
+        ),
+    );
+    deploy(&h, &file, "one", "v1", &[]).expect_code(0);
+    let out = deploy(&h, &file, "two", "v2", &[]);
+    out.expect_code(0);
+    let said = |out: &CliOutput, step: &str| -> Vec<String> {
+        out.json_lines()
+            .iter()
+            .filter(|l| l["type"] == "progress" && l["step"] == step)
+            .filter_map(|l| l["message"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(
+        said(&out, "route"),
+        [
+            "switching all of web's traffic to two replicas [0]; one's replicas stay warm (retries only) until the commit"
+        ],
+        "{out}"
+    );
+    // A success names every gate that passed.
+    assert_eq!(
+        out.result()["gate"],
+        "web: http GET /health on port 80; worker: exec true",
+        "{out}"
+    );
+    h.wait_serving(port, "v2", Duration::from_secs(10));
+
+    // demo:v3 answers 500 to everything: its gate fails, traffic never moves.
+    let out = deploy(&h, &file, "three", "v3", &[]);
+    out.expect_code(1);
+    let r = out.result();
+    assert_eq!(r["outcome"], "health_gate_failed", "{out}");
+    assert_eq!(r["serving"], "two", "{out}");
+    assert_eq!(r["gate"], "web: http GET /health on port 80", "{out}");
+    assert!(r["switch_back_ms"].is_null(), "no switch back: {out}");
+    assert!(
+        r["message"].as_str().is_some_and(
+            |m| m.ends_with("release two is still serving (three never received traffic)")
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        said(&out, "route_old"),
+        ["three never received web's traffic: two served every request throughout"],
+        "{out}"
+    );
+    assert!(!out.stdout.contains("switching"), "{out}");
+    h.assert_serving(port, "v2");
+
+    // The same for people: nothing claims a switch back, and every progress
+    // line starts with a UTC time at millisecond precision.
+    let path = file.to_str().expect("utf-8 path");
+    let out = h.cli(&[
+        "deploy",
+        "--project",
+        PROJECT,
+        "--file",
+        path,
+        "--release",
+        "four",
+        "--var",
+        "TAG=v3",
+    ]);
+    out.expect_code(1);
+    let text = out.text();
+    assert!(!text.contains("switching"), "{out}");
+    assert!(!text.contains("traffic was back"), "{out}");
+    assert!(text.contains("four never received traffic"), "{out}");
+    let progress: Vec<&str> = out.stdout.lines().filter(|l| !l.is_empty()).collect();
+    assert!(progress.len() > 3, "{out}");
+    for line in progress {
+        let ts = line.split(' ').next().unwrap_or_default();
+        assert!(
+            ts.len() == "2026-11-03T09:15:02.120Z".len()
+                && ts.as_bytes().get(19) == Some(&b'.')
+                && ts.ends_with('Z'),
+            "not a millisecond timestamp: {line:?}\n{out}"
+        );
+    }
+    h.assert_current(PROJECT, "two");
+}

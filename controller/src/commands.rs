@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use deploy_protocol::AuditRecord;
 use deploy_protocol::{ApprovalRequest, HistoryEntry, Outcome, ProjectStatus, ServedBy};
+use deploy_protocol::{AuditRecord, timestamp};
 use futures_util::future::join_all;
 use serde::Serialize;
 
@@ -141,7 +141,9 @@ pub async fn status_rows(env: &Environment, clients: &[AgentClient]) -> StatusOu
             Err(CallError::Api { error, .. }) if error.outcome == Outcome::ConfigError => {}
             Err(e) => {
                 row.health = match e {
-                    CallError::Api { .. } => "refused".into(),
+                    CallError::Api { .. } | CallError::CertificateRefused { .. } => {
+                        "refused".into()
+                    }
                     _ => "unreachable".into(),
                 };
                 if exit_code == exit::SUCCESS {
@@ -208,15 +210,30 @@ pub async fn status(inv: &Inventory, env: &str, json: bool, transport: &Transpor
 }
 
 fn print_status(s: &StatusOutput) {
-    println!(
-        "{} ({}): {}",
-        s.environment,
-        s.project,
-        s.release
-            .as_deref()
-            .map(|r| format!("release {r}"))
-            .unwrap_or_else(|| "nothing deployed".into())
-    );
+    let (table, errors) = status_text(s);
+    print!("{table}");
+    for e in errors {
+        eprintln!("error: {e}");
+    }
+}
+
+/// `status` for people: the table (stdout), and below it the errors of the
+/// hosts that could not tell (stderr), so that the table stays a table.
+fn status_text(s: &StatusOutput) -> (String, Vec<String>) {
+    let errors: Vec<String> = s.hosts.iter().filter_map(|h| h.error.clone()).collect();
+    let answered = s.hosts.len() - errors.len();
+    let mut heading = match (&s.release, answered) {
+        (Some(r), _) => format!("release {r}"),
+        (None, 0) if !s.hosts.is_empty() => "release unknown: no host answered".to_string(),
+        (None, _) => "nothing deployed".to_string(),
+    };
+    if !errors.is_empty() && answered > 0 {
+        heading.push_str(&format!(
+            " ({answered} of {} host(s) answered)",
+            s.hosts.len()
+        ));
+    }
+    let mut out = format!("{} ({}): {heading}\n", s.environment, s.project);
     let headers = [
         "HOST", "RELEASE", "DIGESTS", "HEALTH", "SINCE", "DRIFT", "LAST",
     ];
@@ -248,12 +265,14 @@ fn print_status(s: &StatusOutput) {
                         "{} (over SSH: agent's HTTPS API unreachable, daemon up)",
                         h.health
                     ),
+                    (_, _, Some(_)) => format!("{} (see below)", h.health),
                     _ => h.health.clone(),
                 },
-                h.since.clone().unwrap_or_else(|| "-".into()),
-                if let Some(e) = &h.error {
-                    e.clone()
-                } else if h.drift.is_empty() {
+                h.since
+                    .as_deref()
+                    .map(timestamp::for_people)
+                    .unwrap_or_else(|| "-".into()),
+                if h.drift.is_empty() {
                     "-".into()
                 } else {
                     h.drift.join("; ")
@@ -279,10 +298,13 @@ fn print_status(s: &StatusOutput) {
         }
         s.trim_end().to_string()
     };
-    println!("{}", line(&headers.map(String::from)));
+    out.push_str(&line(&headers.map(String::from)));
+    out.push('\n');
     for r in &rows {
-        println!("{}", line(r));
+        out.push_str(&line(r));
+        out.push('\n');
     }
+    (out, errors)
 }
 
 #[derive(Serialize)]
@@ -314,7 +336,7 @@ pub async fn history(
         } else {
             println!(
                 "{}  {:<14} {:<9} {:<14} {:<18} from {:<12} by {}{}",
-                e.started_at,
+                timestamp::for_people(&e.started_at),
                 host,
                 e.operation.as_str(),
                 e.release,
@@ -379,10 +401,11 @@ pub async fn approve(
             return exit::CONFIG;
         }
     };
+    let check = client::TlsCheck::new(&files).ok().map(std::sync::Arc::new);
     let clients: Vec<AgentClient> = env
         .hosts
         .iter()
-        .map(|h| AgentClient::new(h, http.clone()))
+        .map(|h| AgentClient::new(h, http.clone()).with_tls_check(check.clone()))
         .collect();
     let req = ApprovalRequest {
         project: env.project.clone(),
@@ -403,7 +426,12 @@ pub async fn approve(
                 } else {
                     println!(
                         "{}: {} approved {} of {} (audit record {} at {})",
-                        c.host, r.who, r.release, r.project, r.seq, r.ts
+                        c.host,
+                        r.who,
+                        r.release,
+                        r.project,
+                        r.seq,
+                        timestamp::for_people(&r.ts)
                     );
                 }
             }
@@ -511,7 +539,7 @@ pub async fn audit(
         } else {
             println!(
                 "{}  {:<14} #{:<5} {:<22} {:<24} {} {} {}",
-                r.ts,
+                timestamp::for_people(&r.ts),
                 host,
                 r.seq,
                 r.who,
@@ -523,4 +551,91 @@ pub async fn audit(
         }
     }
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(host: &str, release: Option<&str>, error: Option<&str>) -> StatusRow {
+        StatusRow {
+            host: host.into(),
+            agent: format!("{host}:7443"),
+            project: "web".into(),
+            release: release.map(str::to_string),
+            previous: None,
+            since: release.map(|_| "2026-11-03T09:15:02.120345678Z".to_string()),
+            digests: BTreeMap::new(),
+            health: match (release, error) {
+                (_, Some(_)) => "unreachable".into(),
+                (Some(_), None) => "healthy".into(),
+                (None, None) => "not deployed".into(),
+            },
+            drift: vec![],
+            operation: None,
+            last_outcome: None,
+            error: error.map(str::to_string),
+            via: RouteReport {
+                transport: "agent",
+                reason: None,
+                served_by: None,
+            },
+        }
+    }
+
+    fn output(release: Option<&str>, hosts: Vec<StatusRow>) -> StatusOutput {
+        StatusOutput {
+            environment: "production".into(),
+            project: "web".into(),
+            release: release.map(str::to_string),
+            hosts,
+            exit_code: 0,
+        }
+    }
+
+    const LONG: &str = "host b: cannot reach its agent at https://b:7443: error sending request for url \
+        (https://b:7443/v1/status): client error (Connect): tcp connect error: Connection refused \
+        (os error 111); check that `deploy-agent run` listens there (agent.toml `api_listen`)";
+
+    #[test]
+    fn errors_go_below_the_table_and_the_table_stays_a_table() {
+        let s = output(
+            Some("v2"),
+            vec![row("a", Some("v2"), None), row("b", None, Some(LONG))],
+        );
+        let (table, errors) = status_text(&s);
+        assert_eq!(errors, vec![LONG.to_string()]);
+        assert!(!table.contains("cannot reach"), "{table}");
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0],
+            "production (web): release v2 (1 of 2 host(s) answered)"
+        );
+        assert!(lines[2].starts_with("a "), "{table}");
+        assert!(
+            lines[3].starts_with("b ") && lines[3].contains("unreachable (see below)"),
+            "{table}"
+        );
+        for l in &lines[1..] {
+            assert!(l.chars().count() < 120, "a table row, not an error: {l:?}");
+        }
+        // Recorded times are shown at millisecond precision.
+        assert!(lines[2].contains("2026-11-03T09:15:02.120Z"), "{table}");
+    }
+
+    #[test]
+    fn nothing_deployed_is_only_said_when_a_host_said_it() {
+        let (table, errors) = status_text(&output(None, vec![row("a", None, Some(LONG))]));
+        assert!(
+            table.starts_with("production (web): release unknown: no host answered\n"),
+            "{table}"
+        );
+        assert_eq!(errors.len(), 1);
+        let (table, errors) = status_text(&output(None, vec![row("a", None, None)]));
+        assert!(
+            table.starts_with("production (web): nothing deployed\n"),
+            "{table}"
+        );
+        assert!(errors.is_empty());
+    }
 }

@@ -154,14 +154,19 @@ impl Summary {
         }
     }
 
+    /// The summary for people. A failure's message is not repeated here:
+    /// the error line printed just before it says it (see
+    /// [`Ctx::conclude`]).
     fn text(&self) -> String {
         let mut s = format!(
-            "{}: {} (exit {}) — {}",
+            "{}: {} (exit {})",
             self.what(),
             self.outcome.as_str().replace('_', " "),
             self.exit_code,
-            self.message
         );
+        if self.exit_code == exit::SUCCESS {
+            s.push_str(&format!(" — {}", self.message));
+        }
         for h in &self.hosts {
             s.push_str(&format!(
                 "\n  {:<16} {:<14} -> {:<14} {}{}",
@@ -250,8 +255,8 @@ impl Ctx<'_> {
         }
     }
 
-    /// Prints the summary (an error line first when it failed) and keeps it
-    /// for CI; returns its exit code.
+    /// Prints the summary (when it failed, its message once, as the error
+    /// line before it) and keeps it for CI; returns its exit code.
     fn conclude(&self, summary: Summary) -> i32 {
         if summary.exit_code != exit::SUCCESS {
             self.out.error(&summary.message);
@@ -1241,6 +1246,56 @@ mod tests {
             "{m}"
         );
         assert_eq!(tag_moved(&names, &[]), None);
+    }
+
+    #[test]
+    fn a_failure_is_said_once_by_the_error_line_not_again_by_the_summary() {
+        let summary = |code: i32, outcome: FleetOutcome, message: &str| Summary {
+            command: "deploy",
+            environment: "production".into(),
+            project: "web".into(),
+            release: "v3".into(),
+            deployment_id: "production-v3-x".into(),
+            outcome,
+            exit_code: code,
+            message: message.into(),
+            failed_host: None,
+            gate: None,
+            digests: BTreeMap::new(),
+            hosts: vec![HostLine {
+                host: "a".into(),
+                before: Some("v2".into()),
+                after: "v2".into(),
+                result: "failed its gates (rolled back by its agent)".into(),
+                via: "agent".into(),
+            }],
+            duration_ms: 1200,
+        };
+        let failed = summary(
+            exit::HEALTH_GATE_FAILED,
+            FleetOutcome::RolledBack,
+            "deploy of v3 failed on host a (canary) at gate [web: http GET /health on port 80]: …",
+        );
+        let t = failed.text();
+        assert!(
+            t.starts_with("deploy v3 of web to production: rolled back (exit 1)\n"),
+            "{t}"
+        );
+        assert!(!t.contains("failed on host a"), "{t}");
+        assert!(t.contains("  a "), "the hosts stay: {t}");
+        // CI's step summary keeps the whole story.
+        assert!(failed.markdown().contains("failed on host a"));
+        let ok = summary(
+            exit::SUCCESS,
+            FleetOutcome::Succeeded,
+            "every host of production serves v3",
+        );
+        assert!(
+            ok.text()
+                .starts_with("deploy v3 of web to production: succeeded (exit 0) — every host of production serves v3"),
+            "{}",
+            ok.text()
+        );
     }
 
     #[test]

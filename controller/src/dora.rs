@@ -23,6 +23,11 @@
 //! - **lead time** of a change that succeeded: from its commit's time (the
 //!   `--commit-time` its deploy was given) to the end of its last deploy.
 //!   Changes deployed without a commit time are left out, never guessed.
+//!
+//! The output says what it counted: the window, when the hosts' history
+//! begins (per-day rates are over the whole window), how many deploys made
+//! the changes, and why the others were not counted (refused, in progress,
+//! outside the window).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -59,6 +64,66 @@ pub struct Figures {
     /// How many changes that median is of.
     pub lead_time_changes: usize,
     pub failures: Vec<FailedChange>,
+    /// When the oldest operation any host recorded started (`None`: none).
+    pub history_begins: Option<String>,
+    /// The deploys (one per host) that made the changes.
+    pub deploys_counted: usize,
+    /// The deploys that were not counted, and why.
+    pub not_counted: NotCounted,
+}
+
+/// Deploys (one per host) left out of the figures, by reason.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct NotCounted {
+    /// Ended before any change, by outcome (`config_error`, `locked`…).
+    pub refused: BTreeMap<String, usize>,
+    /// No ending recorded yet.
+    pub in_progress: usize,
+    /// Started before the window.
+    pub before_window: usize,
+    /// Started at or after its end: a host's clock ahead of this one's?
+    pub after_window: usize,
+    /// A start time that is not a timestamp.
+    pub unreadable: usize,
+}
+
+impl NotCounted {
+    fn is_empty(&self) -> bool {
+        *self == NotCounted::default()
+    }
+
+    /// `2 refused (config_error 1, locked 1), 1 in progress, …`.
+    fn text(&self) -> String {
+        let mut parts = Vec::new();
+        let refused: usize = self.refused.values().sum();
+        if refused > 0 {
+            let by: Vec<String> = self
+                .refused
+                .iter()
+                .map(|(o, n)| format!("{o} {n}"))
+                .collect();
+            parts.push(format!(
+                "{refused} refused before changing anything ({})",
+                by.join(", ")
+            ));
+        }
+        if self.in_progress > 0 {
+            parts.push(format!("{} still in progress", self.in_progress));
+        }
+        if self.before_window > 0 {
+            parts.push(format!("{} before the window", self.before_window));
+        }
+        if self.after_window > 0 {
+            parts.push(format!(
+                "{} after its end (is a host's clock ahead of this one?)",
+                self.after_window
+            ));
+        }
+        if self.unreadable > 0 {
+            parts.push(format!("{} with an unreadable start time", self.unreadable));
+        }
+        parts.join(", ")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -105,6 +170,32 @@ fn changed_something(o: Option<Outcome>) -> bool {
 
 /// The figures of `[since, until)` from `history` (host, entry).
 pub fn figures(history: &[(&str, HistoryEntry)], since: Timestamp, until: Timestamp) -> Figures {
+    let mut not_counted = NotCounted::default();
+    for (_, e) in history
+        .iter()
+        .filter(|(_, e)| e.operation == OperationKind::Deploy)
+    {
+        match e.started_at.parse::<Timestamp>() {
+            Err(_) => not_counted.unreadable += 1,
+            Ok(t) if t < since => not_counted.before_window += 1,
+            Ok(t) if t >= until => not_counted.after_window += 1,
+            Ok(_) => match e.outcome {
+                None => not_counted.in_progress += 1,
+                Some(o) if !changed_something(Some(o)) => {
+                    *not_counted
+                        .refused
+                        .entry(o.as_str().to_string())
+                        .or_insert(0) += 1
+                }
+                Some(_) => {}
+            },
+        }
+    }
+    let history_begins = history
+        .iter()
+        .filter_map(|(_, e)| e.started_at.parse::<Timestamp>().ok())
+        .min()
+        .map(|t| format!("{t:.0}"));
     let mut ops: Vec<Op> = history
         .iter()
         .filter_map(|(host, entry)| {
@@ -125,13 +216,22 @@ pub fn figures(history: &[(&str, HistoryEntry)], since: Timestamp, until: Timest
         .collect();
     ops.sort_by_key(|o| o.started);
 
-    // Deploys grouped into changes, per release, in time order.
+    // Deploys grouped into changes, per release, in time order; a rollback
+    // off a release ends its change (deploying it again is another one).
     let mut changes: Vec<Change> = Vec::new();
     let mut open: BTreeMap<&str, usize> = BTreeMap::new();
-    for op in ops
-        .iter()
-        .filter(|o| o.entry.operation == OperationKind::Deploy)
-    {
+    for op in &ops {
+        if op.entry.operation == OperationKind::Rollback {
+            if op.entry.outcome == Some(Outcome::Succeeded)
+                && let Some(left) = op.entry.previous.as_deref()
+            {
+                open.remove(left);
+            }
+            continue;
+        }
+        if op.entry.operation != OperationKind::Deploy {
+            continue;
+        }
         let release = op.entry.release.as_str();
         let joins = open.get(release).is_some_and(|&i| {
             let gap = op.started.duration_since(changes[i].last_start());
@@ -193,8 +293,15 @@ pub fn figures(history: &[(&str, HistoryEntry)], since: Timestamp, until: Timest
             continue;
         }
         // A later rollback off this release (before another change of it).
+        let next_change = changes
+            .iter()
+            .filter(|c| c.release == change.release && c.started() > change.started())
+            .map(Change::started)
+            .min();
         let undone = rollback_ops.iter().find(|r| {
-            r.entry.previous.as_deref() == Some(change.release) && r.started >= change.started()
+            r.entry.previous.as_deref() == Some(change.release)
+                && r.started >= change.started()
+                && next_change.is_none_or(|next| r.started < next)
         });
         if let Some(r) = undone {
             let restored = match (change.finished(), r.finished) {
@@ -258,6 +365,9 @@ pub fn figures(history: &[(&str, HistoryEntry)], since: Timestamp, until: Timest
         lead_time_median_ms: median(&leads),
         lead_time_changes: leads.len(),
         failures,
+        history_begins,
+        deploys_counted: changes.iter().map(|c| c.ops.len()).sum(),
+        not_counted,
     }
 }
 
@@ -273,20 +383,50 @@ fn median(sorted: &[u64]) -> Option<u64> {
     }
 }
 
-/// The figures as text, with their definitions.
+/// The figures as text, with their definitions and what was counted.
 pub fn text(env: &str, project: &str, hosts: usize, f: &Figures) -> String {
-    let pct = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{:.1}%", r * 100.0));
-    let dur = |ms: Option<u64>| {
-        ms.map_or("n/a".to_string(), |ms| {
-            humantime::format_duration(Duration::from_millis(ms)).to_string()
+    let dur = |ms: u64| humantime::format_duration(Duration::from_millis(ms)).to_string();
+    // A rate over no change is not 0% or 100%: say there was none.
+    let pct = |r: Option<f64>| {
+        r.map_or("none: no change in the window".to_string(), |r| {
+            format!("{:.1}%", r * 100.0)
         })
     };
-    let mut s = format!(
-        "DORA figures of {env} ({project}), {} .. {} ({:.1} days), from {hosts} host(s)' history\n",
-        f.since, f.until, f.days
-    );
+    let mut s = format!("DORA figures of {env} ({project}) from {hosts} host(s)' history\n");
     s.push_str(&format!(
-        "  deployment frequency  {} deployment(s), {:.2} per day, {:.1} per week\n",
+        "  window                {} .. {} ({:.1} days)\n",
+        f.since, f.until, f.days
+    ));
+    match &f.history_begins {
+        None => s.push_str("  history               no operation recorded on any host\n"),
+        Some(first) if *first > f.since => {
+            let span = match (first.parse::<Timestamp>(), f.until.parse::<Timestamp>()) {
+                (Ok(a), Ok(b)) if b > a => {
+                    format!(", {} before the window ends", dur(ms(b.duration_since(a))))
+                }
+                _ => String::new(),
+            };
+            s.push_str(&format!(
+                "  history               begins {first}{span}: per-day rates are over the whole {:.1} days\n",
+                f.days
+            ))
+        }
+        Some(_) => {}
+    }
+    s.push_str(&format!(
+        "  counted               {} deploy(s) (one per host), making {} change(s) (a release's deploys within {} of each other are one change)\n",
+        f.deploys_counted,
+        f.changes,
+        dur(u64::try_from(SAME_CHANGE.as_millis()).unwrap_or(u64::MAX))
+    ));
+    if !f.not_counted.is_empty() {
+        s.push_str(&format!(
+            "  not counted           {}\n",
+            f.not_counted.text()
+        ));
+    }
+    s.push_str(&format!(
+        "  deployment frequency  {} deployment(s) (changes that succeeded), {:.2} per day, {:.1} per week\n",
         f.deployments,
         f.deployments_per_day,
         f.deployments_per_day * 7.0
@@ -297,11 +437,13 @@ pub fn text(env: &str, project: &str, hosts: usize, f: &Figures) -> String {
         f.changes,
         pct(f.change_failure_rate)
     ));
-    s.push_str(&format!(
-        "  time to restore       median {}, worst {}\n",
-        dur(f.time_to_restore_median_ms),
-        dur(f.time_to_restore_worst_ms)
-    ));
+    let restore = match (f.time_to_restore_median_ms, f.time_to_restore_worst_ms) {
+        (Some(median), Some(worst)) => format!("median {}, worst {}", dur(median), dur(worst)),
+        _ if f.changes == 0 => "none: no change in the window".to_string(),
+        _ if f.failed_changes == 0 => "no failure yet".to_string(),
+        _ => "unknown: no failed change has a recorded restore time".to_string(),
+    };
+    s.push_str(&format!("  time to restore       {restore}\n"));
     s.push_str(&format!(
         "  rollback rate         {} operator rollback(s) for {} change(s): {}\n",
         f.rollbacks,
@@ -315,17 +457,20 @@ pub fn text(env: &str, project: &str, hosts: usize, f: &Figures) -> String {
     } else {
         s.push_str(&format!(
             "  lead time             median {} over {} change(s) with a commit time\n",
-            dur(f.lead_time_median_ms),
+            dur(f.lead_time_median_ms.unwrap_or_default()),
             f.lead_time_changes
         ));
     }
     for x in &f.failures {
         s.push_str(&format!(
-            "  failed: {} at {}: {} (restored after {})\n",
+            "  failed: {} at {}: {} ({})\n",
             x.release,
             x.started_at,
             x.why,
-            dur(x.restored_after_ms)
+            x.restored_after_ms.map_or_else(
+                || "restore time unknown: its end or its rollback's is not recorded".to_string(),
+                |ms| format!("restored after {}", dur(ms))
+            )
         ));
     }
     s
@@ -663,6 +808,154 @@ mod tests {
             (f.changes, f.change_failure_rate, f.rollback_rate),
             (0, None, None)
         );
-        assert!(text("e", "p", 1, &f).contains("n/a"));
+        let t = text("e", "p", 1, &f);
+        assert!(!t.contains("n/a"), "{t}");
+        assert!(
+            t.contains(
+                "change failure rate   0 of 0 change(s) failed: none: no change in the window"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("time to restore       none: no change in the window"),
+            "{t}"
+        );
+        assert!(t.contains("no operation recorded on any host"), "{t}");
+    }
+
+    fn ok(release: &str, previous: Option<&str>, started: &str) -> (&'static str, HistoryEntry) {
+        (
+            "a",
+            entry(Deploy, release, previous, Some(Succeeded), started, 40),
+        )
+    }
+
+    #[test]
+    fn a_first_morning_of_six_successful_deploys_reads_as_such() {
+        let h = vec![
+            ok("r1", None, "2026-11-03T08:05:00Z"),
+            ok("r2", Some("r1"), "2026-11-03T08:40:00Z"),
+            ok("r3", Some("r2"), "2026-11-03T09:20:00Z"),
+            ok("r4", Some("r3"), "2026-11-03T10:00:00Z"),
+            ok("r5", Some("r4"), "2026-11-03T11:10:00Z"),
+            ok("r6", Some("r5"), "2026-11-03T11:55:00Z"),
+        ];
+        let f = figures(&h, ts("2026-10-04T12:00:00Z"), ts("2026-11-03T12:00:00Z"));
+        assert_eq!((f.changes, f.deployments, f.failed_changes), (6, 6, 0));
+        assert_eq!(f.deploys_counted, 6);
+        assert_eq!(f.change_failure_rate, Some(0.0));
+        assert!(f.failures.is_empty());
+        assert!(f.not_counted.is_empty());
+        assert_eq!(f.history_begins.as_deref(), Some("2026-11-03T08:05:00Z"));
+        let t = text("production", "shop", 1, &f);
+        for said in [
+            "window                2026-10-04T12:00:00Z .. 2026-11-03T12:00:00Z (30.0 days)",
+            "history               begins 2026-11-03T08:05:00Z, 3h 55m before the window ends: per-day rates are over the whole 30.0 days",
+            "counted               6 deploy(s) (one per host), making 6 change(s)",
+            "deployment frequency  6 deployment(s) (changes that succeeded), 0.20 per day",
+            "change failure rate   0 of 6 change(s) failed: 0.0%",
+            "time to restore       no failure yet",
+            "rollback rate         0 operator rollback(s) for 6 change(s): 0.0%",
+        ] {
+            assert!(t.contains(said), "{said:?} in:\n{t}");
+        }
+        assert!(!t.contains("n/a") && !t.contains("not counted"), "{t}");
+    }
+
+    #[test]
+    fn deploys_not_counted_are_said_with_why() {
+        let h = vec![
+            ok("r1", None, "2026-11-03T08:05:00Z"),
+            (
+                "a",
+                entry(
+                    Deploy,
+                    "r2",
+                    Some("r1"),
+                    Some(ConfigError),
+                    "2026-11-03T08:10:00Z",
+                    1,
+                ),
+            ),
+            (
+                "b",
+                entry(
+                    Deploy,
+                    "r2",
+                    Some("r1"),
+                    Some(Outcome::Locked),
+                    "2026-11-03T08:11:00Z",
+                    1,
+                ),
+            ),
+            (
+                "a",
+                entry(Deploy, "r3", Some("r1"), None, "2026-11-03T11:50:00Z", 1),
+            ),
+            ok("r0", None, "2026-10-01T08:05:00Z"),
+            // A host whose clock is ahead of the controller's.
+            ok("r9", Some("r1"), "2026-11-03T12:30:00Z"),
+        ];
+        let f = figures(&h, ts("2026-11-01T00:00:00Z"), ts("2026-11-03T12:00:00Z"));
+        assert_eq!((f.changes, f.deploys_counted), (1, 1));
+        let n = &f.not_counted;
+        assert_eq!(
+            n.refused,
+            BTreeMap::from([("config_error".to_string(), 1), ("locked".to_string(), 1)])
+        );
+        assert_eq!(
+            (n.in_progress, n.before_window, n.after_window, n.unreadable),
+            (1, 1, 1, 0)
+        );
+        let t = text("production", "shop", 2, &f);
+        assert!(
+            t.contains(
+                "not counted           2 refused before changing anything (config_error 1, locked 1), \
+                 1 still in progress, 1 before the window, 1 after its end (is a host's clock ahead of this one?)"
+            ),
+            "{t}"
+        );
+        // The history began before the window: no note about it.
+        assert!(!t.contains("history               begins"), "{t}");
+    }
+
+    #[test]
+    fn a_rollback_fails_only_the_change_it_left() {
+        let h = vec![
+            ok("r1", None, "2026-11-03T08:00:00Z"),
+            ok("r2", Some("r1"), "2026-11-03T08:10:00Z"),
+            // r2 rolled back, fixed and deployed again within the hour:
+            // another change of r2, which succeeded.
+            (
+                "a",
+                entry(
+                    Rollback,
+                    "r1",
+                    Some("r2"),
+                    Some(Succeeded),
+                    "2026-11-03T08:20:00Z",
+                    2,
+                ),
+            ),
+            ok("r2", Some("r1"), "2026-11-03T08:30:00Z"),
+            ok("r3", Some("r2"), "2026-11-03T09:00:00Z"),
+        ];
+        let f = figures(&h, ts("2026-11-01T00:00:00Z"), ts("2026-11-04T00:00:00Z"));
+        assert_eq!((f.changes, f.failed_changes, f.deployments), (4, 1, 3));
+        assert_eq!(f.failures[0].release, "r2");
+        assert_eq!(f.failures[0].started_at, "2026-11-03T08:10:00Z");
+        // From the end of r2's deploy (08:10:40) to the rollback's (08:20:02).
+        assert_eq!(f.failures[0].restored_after_ms, Some(562_000));
+        let t = text("production", "shop", 1, &f);
+        assert!(
+            t.contains("time to restore       median 9m 22s, worst 9m 22s"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "failed: r2 at 2026-11-03T08:10:00Z: rolled back on a (restored after 9m 22s)"
+            ),
+            "{t}"
+        );
     }
 }

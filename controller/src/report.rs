@@ -12,6 +12,8 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::Duration;
 
+// Lines carry milliseconds: fleet steps of one wave land within a few.
+use deploy_protocol::timestamp::now;
 use deploy_protocol::{Event, Outcome};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -27,11 +29,6 @@ pub struct Reporter {
     mode: Mode,
     multi: Option<MultiProgress>,
     bars: Mutex<HashMap<String, ProgressBar>>,
-}
-
-fn now() -> String {
-    // Milliseconds: fleet steps of one wave land within a few of them.
-    format!("{:.3}", jiff::Timestamp::now())
 }
 
 impl Reporter {

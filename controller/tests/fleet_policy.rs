@@ -182,6 +182,14 @@ fn the_rate_limit_counts_the_hosts_own_history() {
     let r = run(&inv, &["dora", "--env", "production"]);
     r.expect_code(0);
     assert!(r.stdout.contains("1 of 2 change(s) failed: 50.0%"), "{r}");
+    // What it counted: the window, the two deploys; every figure has a value.
+    assert!(r.stdout.contains("  window                "), "{r}");
+    assert!(
+        r.stdout
+            .contains("counted               2 deploy(s) (one per host), making 2 change(s)"),
+        "{r}"
+    );
+    assert!(!r.stdout.contains("n/a"), "{r}");
     run(&inv, &["dora", "--env", "production", "--since", "soon"]).expect_code(2);
 }
 

@@ -112,6 +112,19 @@ fn certificates_roles_and_handshakes() {
         &["deploy", "--env", ENV, "--release", "v2", "--var", "TAG=v2"],
     );
     r.expect_code(6);
+    // Said once: the error line, not again in the summary under it.
+    assert_eq!(
+        r.text()
+            .matches("pre-pull failed, nothing was changed")
+            .count(),
+        1,
+        "{r}"
+    );
+    assert!(
+        r.stdout
+            .contains("deploy v2 of web to production: refused (exit 6)"),
+        "{r}"
+    );
     for needle in [
         "mtls:ci-staging",
         "environment production",
@@ -180,17 +193,49 @@ fn certificates_roles_and_handshakes() {
             agent.api,
         ),
     );
-    // The controller says so, as an unreachable agent (exit 5).
-    let expired = inventory(
-        dir.path(),
+    // The controller says the agent refused OUR certificate, and why (the
+    // TLS alert): a refusal of who we are, exit 6; not "cannot reach".
+    let refused = |name: &str, client: &Issued, why: &[&str]| {
+        let inv = inventory(dir.path(), name, &pki.ca(), client, agent);
+        let r = run(&inv, &["status", "--env", ENV]);
+        r.expect_code(6);
+        assert!(
+            r.stderr
+                .contains("host p1: its agent at https://127.0.0.1:")
+                && r.stderr
+                    .contains("refused this controller's client certificate"),
+            "{r}"
+        );
+        assert!(
+            why.iter().any(|w| r.stderr.contains(w)),
+            "{name}: the reason must say one of {why:?}: {r}"
+        );
+        assert!(!r.text().contains("cannot reach its agent"), "{r}");
+        assert!(!r.text().contains("listens there"), "{r}");
+        eprintln!("{name}: {}", r.stderr.trim());
+        r
+    };
+    let r = refused(
         "expired.toml",
-        &pki.ca(),
         &pkilib::paths(pki.path(), "ci-production-old"),
-        agent,
+        &["it has expired (or is not valid yet) (TLS alert certificate_expired)"],
     );
-    let r = run(&expired, &["status", "--env", ENV]);
-    r.expect_code(5);
-    assert!(r.text().contains("cannot reach its agent"), "{r}");
+    assert!(
+        r.stderr.contains("ci-production-old.pem, which expired "),
+        "{r}"
+    );
+    assert!(r.stderr.contains("pki issue --dir CA_DIR"), "{r}");
+    // (Another CA with the same name as ours: its signature does not verify.)
+    refused(
+        "other-ca.toml",
+        &other.client("ci-production"),
+        &["(TLS alert unknown_ca)", "(TLS alert decrypt_error)"],
+    );
+    refused(
+        "server-cert.toml",
+        &pki.agent("ci-production-server"),
+        &["bad usage", "(TLS alert unsupported_certificate)"],
+    );
     // The production certificate still works, and the agent logged why it
     // refused the others.
     assert_eq!(

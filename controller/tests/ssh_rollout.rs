@@ -218,6 +218,11 @@ fn one_agent_down_deploy_status_and_rollback_over_ssh_under_load() {
     let r = run(&inv, &["status", "--env", ENV]);
     r.expect_code(0);
     assert!(r.stdout.contains("healthy (over SSH: agent down)"), "{r}");
+    // A read changes nothing there: no warning about serve-stdio doing the
+    // work under the host lock (the fallback itself is still said).
+    assert!(r.stderr.contains("falling back to SSH"), "{r}");
+    assert!(!r.text().contains("does the work itself"), "{r}");
+    assert!(!r.text().contains("host lock"), "{r}");
     // history reads b over SSH too, and names the SSH caller.
     let r = run(&inv, &["history", "--env", ENV, "--json"]);
     r.expect_code(0);

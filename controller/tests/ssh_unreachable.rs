@@ -6,9 +6,10 @@
 //!   over SSH, `serve-stdio` hands the request to the daemon, which records
 //!   the SSH caller. The key comes from an environment variable (CI
 //!   secrets). `--transport agent` never falls back.
-//! - Never falls back: an agent that answers 403 (this certificate has no
-//!   grant there) or 409 (another deployment holds the environment lock):
-//!   the answer is the result, and not one SSH login happens.
+//! - Never falls back: an agent that refuses OUR expired certificate (a TLS
+//!   alert), answers 403 (this certificate has no grant there) or 409
+//!   (another deployment holds the environment lock): the answer is the
+//!   result, and not one SSH login happens.
 
 mod common;
 mod ssh_common;
@@ -186,8 +187,9 @@ fn an_expired_certificate_or_a_silent_port_falls_back_to_ssh() {
         assert_eq!(a.harness.current_release("web").as_deref(), Some("v1"));
     }
 
-    // Our own certificate expired: the agent refuses the TLS handshake, so
-    // it never saw the request: SSH.
+    // Our own certificate expired: the agent refuses it in the TLS
+    // handshake, and that alert is its answer: reported (exit 6), never
+    // hidden by going over SSH.
     pki.expired_client("ci-production-old");
     let old_cert = inventory(
         dir.path(),
@@ -200,20 +202,46 @@ fn an_expired_certificate_or_a_silent_port_falls_back_to_ssh() {
         )],
         "",
     );
+    let logins = sshd.accepted_logins();
     let r = run_env(
         &old_cert,
         &["status", "--env", ENV, "--json"],
         &[(KEY_VAR, key.as_str())],
     );
-    r.expect_code(0);
+    r.expect_code(6);
     let s: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("status JSON");
-    assert_eq!(s["hosts"][0]["via"]["transport"], "ssh", "{r}");
-    assert_eq!(s["hosts"][0]["via"]["served_by"], "daemon", "{r}");
-    assert_eq!(s["hosts"][0]["release"], "v1", "{r}");
-    eprintln!(
-        "our expired certificate: {}",
-        s["hosts"][0]["via"]["reason"]
+    assert_eq!(s["hosts"][0]["via"]["transport"], "agent", "{r}");
+    assert_eq!(s["hosts"][0]["health"], "refused", "{r}");
+    let error = s["hosts"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("refused this controller's client certificate")
+            && error.contains("certificate_expired"),
+        "{r}"
     );
+    assert!(!r.text().contains("falling back"), "{r}");
+    assert_eq!(
+        sshd.accepted_logins(),
+        logins,
+        "no SSH for our own certificate"
+    );
+    eprintln!("our expired certificate: {error}");
+    let r = run_env(
+        &old_cert,
+        &["deploy", "--env", ENV, "--release", "v2", "--var", "TAG=v2"],
+        &[(KEY_VAR, key.as_str())],
+    );
+    r.expect_code(6);
+    assert!(
+        r.stderr
+            .contains("refused this controller's client certificate"),
+        "{r}"
+    );
+    assert_eq!(
+        sshd.accepted_logins(),
+        logins,
+        "no SSH for our own certificate"
+    );
+    assert_eq!(y.harness.current_release("web").as_deref(), Some("v1"));
 
     // No client certificate at all: the inventory is SSH only (the team
     // that used to `ssh host deploy.sh`). Status and a deploy go over SSH;

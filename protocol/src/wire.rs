@@ -203,7 +203,9 @@ pub struct OperationResult {
     pub outcome: Outcome,
     pub exit_code: i32,
     pub message: String,
-    /// The health gate that decided, when one did (e.g. `http GET /health on port 80`).
+    /// Success: the health gates passed. Failure: only the check that
+    /// failed (e.g. `web: http GET /health on port 80`), none when no check
+    /// decided (an interruption, an error of Docker or the proxy).
     #[serde(default)]
     pub gate: Option<String>,
     pub duration_ms: u64,

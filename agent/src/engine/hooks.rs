@@ -150,14 +150,17 @@ impl Engine {
                 );
                 Ok(())
             }
-            Some(why) => Err((
-                FailureKind::HealthGate,
-                if last.is_empty() {
-                    why
-                } else {
-                    format!("{why}; last output: {last}")
-                },
-            )),
+            Some(why) => {
+                ctx.gate_failed(format!("hook {name}"));
+                Err((
+                    FailureKind::HealthGate,
+                    if last.is_empty() {
+                        why
+                    } else {
+                        format!("{why}; last output: {last}")
+                    },
+                ))
+            }
         }
     }
 
@@ -390,6 +393,10 @@ impl Engine {
                 Err(why) => {
                     lines.push(why.clone());
                     failure = Some(why);
+                    ctx.gate_failed(format!(
+                        "{label}: {service} {} {}",
+                        check.method, check.path
+                    ));
                     break;
                 }
             }

@@ -144,7 +144,26 @@ pub(crate) struct OpReport {
     pub hooks: Vec<crate::wire::HookReport>,
     /// When the rollout decided to undo (to time the switch back).
     pub decided_at: Option<Instant>,
+    /// How long traffic took to be back on the previous release; only when
+    /// it had moved to the target.
     pub switch_back_ms: Option<u64>,
+    /// Whether any request may have gone to the target (see
+    /// [`Rollout::any_traffic_moved`]), known when the rollout is done.
+    pub traffic_moved: bool,
+    /// The check that failed in the step being taken (a health gate, an
+    /// observation gate, a smoke check, a hook), as the step names it.
+    pub step_gate: Option<String>,
+    /// The check whose failure decided the undo: the result's `gate`.
+    pub failed_gate: Option<String>,
+}
+
+impl Ctx<'_> {
+    /// The step being taken failed this check (see [`OpReport::step_gate`]).
+    pub(crate) fn gate_failed(&self, gate: String) {
+        if let Ok(mut r) = self.report.lock() {
+            r.step_gate = Some(gate);
+        }
+    }
 }
 
 impl Engine {
@@ -500,7 +519,12 @@ impl Engine {
     async fn run(&self, op_id: i64, mut rollout: Rollout, ctx: &Ctx<'_>) -> Ending {
         loop {
             let step = match rollout.next() {
-                Decision::Done(ending) => return ending,
+                Decision::Done(ending) => {
+                    if let Ok(mut r) = ctx.report.lock() {
+                        r.traffic_moved = rollout.any_traffic_moved();
+                    }
+                    return ending;
+                }
                 Decision::Take(step) => step,
             };
             let state = serde_json::to_string(&rollout).unwrap_or_default();
@@ -514,6 +538,9 @@ impl Engine {
                 continue;
             }
             self.crash_point(step.name());
+            if let Ok(mut r) = ctx.report.lock() {
+                r.step_gate = None;
+            }
             let obs = self.take(&step, ctx, &rollout).await;
             if let Observation::Failed { reason, .. } = &obs {
                 emit(
@@ -531,6 +558,7 @@ impl Engine {
                 && let Ok(mut r) = ctx.report.lock()
             {
                 r.decided_at = Some(Instant::now());
+                r.failed_gate = r.step_gate.take();
             }
             rollout.observe(obs);
         }
@@ -644,8 +672,9 @@ impl Engine {
                     FailureKind::Error => Outcome::EnvironmentError,
                 };
                 let serving = ctx.previous.map(str::to_string);
+                let moved = ctx.report.lock().map(|r| r.traffic_moved).unwrap_or(true);
                 let mut msg = format!(
-                    "{} {release} failed at step {}: {}; {} serving",
+                    "{} {release} failed at step {}: {}; {} serving{}",
                     ctx.kind.as_str(),
                     failure.step,
                     failure.reason,
@@ -653,11 +682,18 @@ impl Engine {
                         .as_deref()
                         .map(|s| format!("release {s} is still"))
                         .unwrap_or_else(|| "nothing was".into()),
+                    if moved {
+                        String::new()
+                    } else {
+                        format!(" ({release} never received traffic)")
+                    },
                 );
                 for w in warnings {
                     msg.push_str(&format!("; warning: {w}"));
                 }
-                let gate = self.gate_names(ctx.target);
+                // Only the check that failed (none for an interruption or
+                // an error of Docker or the proxy).
+                let gate = ctx.report.lock().ok().and_then(|r| r.failed_gate.clone());
                 (outcome, msg, gate, serving)
             }
         };

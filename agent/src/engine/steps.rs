@@ -54,9 +54,11 @@ impl Engine {
                     .await
             }
             Step::Route { service, new, old } => {
-                say(&format!(
-                    "switching traffic: {release} replicas {new:?}, previous replicas {old:?}"
-                ));
+                let previous = ctx
+                    .old
+                    .filter(|o| service_of(o, service).is_some())
+                    .map(|o| o.release.as_str());
+                say(&switch_message(service, release, new, previous, old));
                 // The previous release stays warm until the commit: list it
                 // as standby once the target takes all traffic.
                 self.route(ctx, service, new, old, None, old.is_empty())
@@ -168,10 +170,8 @@ impl Engine {
                     .and_then(|o| service_of(o, service))
                     .map(|s| s.replicas)
                     .unwrap_or(0);
-                say(&format!(
-                    "switching traffic back to {}",
-                    ctx.previous.unwrap_or("nothing")
-                ));
+                let moved = rollout.traffic_moved(service);
+                say(&switch_back_message(service, release, moved, ctx.previous));
                 let routed = self
                     .route(
                         ctx,
@@ -182,7 +182,8 @@ impl Engine {
                         false,
                     )
                     .await;
-                if routed.is_ok()
+                if moved
+                    && routed.is_ok()
                     && let Ok(mut r) = ctx.report.lock()
                     && let Some(at) = r.decided_at
                 {
@@ -343,6 +344,11 @@ impl Engine {
         if failures.is_empty() {
             Ok(())
         } else {
+            ctx.gate_failed(format!(
+                "{}: {}",
+                svc.name,
+                svc.deploy.health.probe.describe()
+            ));
             Err((
                 FailureKind::HealthGate,
                 format!(
@@ -659,6 +665,60 @@ impl Engine {
     }
 }
 
+/// What a route step does, in words: which replicas take `service`'s
+/// requests after it (`new` of the target `release`, `old` of `previous`),
+/// and what happens to the previous release's replicas it leaves out.
+fn switch_message(
+    service: &str,
+    release: &str,
+    new: &[u32],
+    previous: Option<&str>,
+    old: &[u32],
+) -> String {
+    match (new.is_empty(), old.is_empty(), previous) {
+        (true, true, _) => {
+            format!("{service} is not in {release}: its ports stop being published")
+        }
+        (false, false, Some(p)) => format!(
+            "switching {service}'s traffic: {release} replicas {new:?} and {p} replicas {old:?} share it"
+        ),
+        (false, true, Some(p)) => format!(
+            "switching all of {service}'s traffic to {release} replicas {new:?}; \
+             {p}'s replicas stay warm (retries only) until the commit"
+        ),
+        (false, _, None) => {
+            format!("routing {service}'s traffic to {release} replicas {new:?}")
+        }
+        (true, false, p) => format!(
+            "routing {service}'s traffic to {} replicas {old:?}",
+            p.unwrap_or("the previous release")
+        ),
+    }
+}
+
+/// What an undo's route step does: switch `service` back to `previous`, or,
+/// when the target never took any of its requests, say so: there is
+/// nothing to switch back.
+fn switch_back_message(
+    service: &str,
+    release: &str,
+    traffic_moved: bool,
+    previous: Option<&str>,
+) -> String {
+    match (traffic_moved, previous) {
+        (true, Some(p)) => format!("switching {service}'s traffic back to {p}"),
+        (true, None) => format!(
+            "taking {service}'s ports out of the proxy: no previous release to switch back to"
+        ),
+        (false, Some(p)) => format!(
+            "{release} never received {service}'s traffic: {p} served every request throughout"
+        ),
+        (false, None) => {
+            format!("{release} never received {service}'s traffic; no previous release serves it")
+        }
+    }
+}
+
 pub(crate) fn service_of<'a>(spec: &'a ProjectSpec, name: &str) -> Option<&'a ServiceSpec> {
     spec.services.iter().find(|s| s.name == name)
 }
@@ -669,4 +729,57 @@ fn target_port(svc: &ServiceSpec, bind: SocketAddr) -> Option<u16> {
         .iter()
         .find(|p| SocketAddr::new(p.host_ip, p.host_port) == bind)
         .map(|p| p.target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_switch_names_who_serves_and_never_an_empty_list() {
+        // The last batch: the target takes everything, the previous release
+        // stands by.
+        let m = switch_message("web", "v3", &[0, 1], Some("v2"), &[]);
+        assert_eq!(
+            m,
+            "switching all of web's traffic to v3 replicas [0, 1]; v2's replicas stay warm (retries only) until the commit"
+        );
+        // A batch in the middle: both serve.
+        let m = switch_message("web", "v3", &[0], Some("v2"), &[1]);
+        assert_eq!(
+            m,
+            "switching web's traffic: v3 replicas [0] and v2 replicas [1] share it"
+        );
+        // A first deploy, or a service new in this release.
+        assert_eq!(
+            switch_message("web", "v1", &[0], None, &[]),
+            "routing web's traffic to v1 replicas [0]"
+        );
+        assert_eq!(
+            switch_message("web", "v3", &[], Some("v2"), &[]),
+            "web is not in v3: its ports stop being published"
+        );
+        for m in [
+            switch_message("web", "v3", &[0, 1], Some("v2"), &[]),
+            switch_message("web", "v1", &[0], None, &[]),
+            switch_message("web", "v3", &[], Some("v2"), &[]),
+        ] {
+            assert!(!m.contains("[]"), "{m}");
+        }
+    }
+
+    #[test]
+    fn switching_back_is_only_said_when_traffic_had_moved() {
+        assert_eq!(
+            switch_back_message("web", "v3", true, Some("v2")),
+            "switching web's traffic back to v2"
+        );
+        let m = switch_back_message("web", "v3", false, Some("v2"));
+        assert_eq!(
+            m,
+            "v3 never received web's traffic: v2 served every request throughout"
+        );
+        assert!(!m.contains("switching"), "{m}");
+        assert!(!switch_back_message("web", "v1", false, None).contains("switching"));
+    }
 }

@@ -55,6 +55,7 @@ impl Engine {
                 match self.docker.inspect(&name).await {
                     Ok(Some(info)) => replicas.push((name, svc, info)),
                     Ok(None) => {
+                        ctx.gate_failed(format!("{}: containers running ({what})", svc.name));
                         return Err((FailureKind::HealthGate, format!("{name} is gone")));
                     }
                     Err(e) => return Err((FailureKind::Error, e.to_string())),
@@ -79,6 +80,7 @@ impl Engine {
         );
         let began = Instant::now();
         let baseline = self.traffic(ctx, &services_names, Duration::ZERO).await;
+        let max_error_rate = settings.max_error_rate;
         let mut gate = ObservationGate::new(settings, length, baseline);
         let mut last_note = Instant::now();
         let mut probed_at: BTreeMap<String, Instant> = BTreeMap::new();
@@ -94,11 +96,21 @@ impl Engine {
                 probed_at.insert(name.clone(), Instant::now());
                 let result = self.probe_once(name, svc, first).await;
                 if let Some(why) = gate.probe(name, result) {
+                    ctx.gate_failed(format!(
+                        "{}: {} ({what})",
+                        svc.name,
+                        svc.deploy.health.probe.describe()
+                    ));
                     return Err((FailureKind::HealthGate, format!("{what}: {why}")));
                 }
             }
             let now = self.traffic(ctx, &services_names, began.elapsed()).await;
             if let Some(why) = gate.traffic(now) {
+                ctx.gate_failed(format!(
+                    "{}: 5xx rate at most {:.1}% ({what})",
+                    services_names.join(", "),
+                    max_error_rate * 100.0
+                ));
                 return Err((FailureKind::HealthGate, format!("{what}: {why}")));
             }
             if last_note.elapsed() >= Duration::from_secs(10) {

@@ -11,18 +11,24 @@
 //!
 //! Errors are sorted the way the controller acts on them: the agent could
 //! not be reached at all ([`CallError::Unreachable`]: refused, timed out,
-//! TLS handshake refused — the SSH fallback will apply there), the agent
-//! answered with a refusal ([`CallError::Api`]: denied, locked, config…),
-//! or the answer made no sense ([`CallError::Protocol`]).
+//! TLS handshake failed — the SSH fallback will apply there), the agent
+//! refused our client certificate with a TLS alert
+//! ([`CallError::CertificateRefused`]), the agent answered with a refusal
+//! ([`CallError::Api`]: denied, locked, config…), or the answer made no
+//! sense ([`CallError::Protocol`]).
 //!
 //! **The SSH fallback.** With `--transport auto` (the default), a
 //! host whose inventory entry has SSH details is reached over SSH
 //! when, and only when,
 //! its agent could not be reached *before it saw the request*: the
 //! connection was refused, did not open within `connect_timeout`, or the
-//! TLS handshake failed (an expired or wrong certificate). An agent that
-//! answered — 403, 409 locked, any 4xx/5xx, a policy refusal — is never
-//! routed around: its answer is the result. Once a host has fallen back it
+//! TLS handshake failed for a reason that is not our certificate (e.g. the
+//! agent's certificate expired or is not from the inventory's CA). An
+//! agent that answered — 403, 409 locked, any 4xx/5xx, a policy refusal,
+//! or a TLS alert refusing our certificate (expired, unknown CA, bad
+//! usage: exit 6, so that an expired CI certificate is renewed rather
+//! than hidden by SSH) — is never routed around: its answer is the
+//! result. Once a host has fallen back it
 //! stays on SSH for the rest of the run (said once, loudly). If the lease
 //! was taken over mutual TLS before the agent became unreachable, it is
 //! handed over to the SSH identity first (`hand_over_from`).
@@ -44,7 +50,7 @@ use deploy_protocol::{
 };
 use serde::Serialize;
 
-pub use https::{Delivery, TlsError, http_client, http_client_with};
+pub use https::{CertRefusal, Delivery, TlsCheck, TlsError, http_client, http_client_with};
 pub use route::{Notice, RouteReport, Transport, TransportOptions};
 
 use crate::inventory::{Environment, Host, TlsFiles};
@@ -61,8 +67,8 @@ const PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
     #[error(
-        "host {host}: cannot reach its agent at https://{addr}: {message}; check that `deploy-agent run` listens there \
-         (api_listen) and that its certificate is from the inventory's CA"
+        "host {host}: cannot reach its agent at https://{addr}: {message}; {}",
+        unreachable_advice(message)
     )]
     Unreachable {
         host: String,
@@ -71,6 +77,23 @@ pub enum CallError {
         /// Whether the agent may have seen the request: the SSH fallback
         /// applies only when it cannot have.
         delivery: Delivery,
+    },
+    /// The agent refused this controller's client certificate in the TLS
+    /// handshake (its alert says why): an answer, never routed around over
+    /// SSH. Exit 6, like any refusal of who we are.
+    #[error(
+        "host {host}: its agent at https://{addr} refused this controller's client certificate{}: {} (TLS alert {}); {}",
+        cert.as_ref().map(|c| format!(" ({c})")).unwrap_or_default(),
+        refusal.why(),
+        refusal.alert(),
+        refusal.advice()
+    )]
+    CertificateRefused {
+        host: String,
+        addr: String,
+        /// The inventory's certificate and what is known of its validity.
+        cert: Option<String>,
+        refusal: CertRefusal,
     },
     /// The host could not be reached over SSH either (or `--transport ssh`
     /// failed): host key refused, authentication, connection, or
@@ -105,12 +128,14 @@ impl CallError {
                 Outcome::EnvironmentError
             }
             CallError::Api { error, .. } => error.outcome,
+            CallError::CertificateRefused { .. } => Outcome::Denied,
         }
     }
 
     pub fn host(&self) -> &str {
         match self {
             CallError::Unreachable { host, .. }
+            | CallError::CertificateRefused { host, .. }
             | CallError::Api { host, .. }
             | CallError::Protocol { host, .. }
             | CallError::Ssh { host, .. } => host,
@@ -126,12 +151,25 @@ impl CallError {
     }
 }
 
+/// What to check after an agent could not be reached.
+fn unreachable_advice(message: &str) -> &'static str {
+    if message.contains("invalid peer certificate") {
+        "the agent's certificate is not one the inventory's CA (tls `ca`) vouches for: \
+         check its agent.toml `tls_cert` (expired? issued for this address? from this CA?)"
+    } else {
+        "check that `deploy-agent run` listens there (agent.toml `api_listen`) and that nothing blocks the port"
+    }
+}
+
 /// One agent: over its HTTPS API, or over SSH (see the module's doc).
 #[derive(Clone)]
 pub struct AgentClient {
     pub host: String,
     pub addr: String,
     http: reqwest::Client,
+    /// Asks the agent why, when a connection closed right after the TLS
+    /// handshake (see [`TlsCheck`]).
+    tls: Option<Arc<TlsCheck>>,
     /// Shared by the clones of this client (the lease renewer's, the
     /// rollout's): the route and the SSH session are per host.
     route: Arc<Route>,
@@ -154,8 +192,16 @@ impl AgentClient {
             host: host.name.clone(),
             addr: host.agent.clone(),
             http,
+            tls: None,
             route: Arc::new(Route::agent_only()),
         }
+    }
+
+    /// Reads the agent's TLS alert with `check` when a connection closes
+    /// right after the handshake.
+    pub fn with_tls_check(mut self, check: Option<Arc<TlsCheck>>) -> AgentClient {
+        self.tls = check;
+        self
     }
 
     /// One call of the table, routed (HTTPS, or SSH when it falls back).
@@ -344,6 +390,7 @@ pub fn clients(
         Err(e) => return Err(e.to_string()),
     };
     let identity = certificate_identity(&tls.cert);
+    let check = TlsCheck::new(tls).ok().map(Arc::new);
     Ok(env
         .hosts
         .iter()
@@ -357,6 +404,7 @@ pub fn clients(
                 identity.clone(),
                 &notice,
             )
+            .with_tls_check(check.clone())
         })
         .collect())
 }

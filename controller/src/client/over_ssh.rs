@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deploy_protocol::{
-    Caller, Event, Op, OperationResult, ServedBy, StdioCaller, StdioLine, StdioRequest,
+    Caller, Event, Op, OperationResult, Role, ServedBy, StdioCaller, StdioLine, StdioRequest,
 };
 use serde::de::DeserializeOwned;
 
@@ -143,14 +143,22 @@ impl AgentClient {
         .await
         .map_err(|e| self.ssh_error(e.to_string(), agent))?;
         if let Some(by) = served_by.take() {
-            let changed = self.route.with_state(|s| {
-                let changed = s.served_by != Some(by);
+            // Said once, and only for an operation that changes the host:
+            // a read does no work there worth a warning.
+            let changes = op.spec().role == Role::Deployer;
+            let tell = self.route.with_state(|s| {
                 s.served_by = Some(by);
-                changed
+                let tell = by == ServedBy::InProcess && changes && !s.told_in_process;
+                if by != ServedBy::InProcess {
+                    s.told_in_process = false;
+                } else if tell {
+                    s.told_in_process = true;
+                }
+                tell
             });
-            if changed && by == ServedBy::InProcess {
+            if tell {
                 self.route.notice(&format!(
-                    "host {}: no deploy-agent daemon answers there; `deploy-agent serve-stdio` does the work itself, under the host lock",
+                    "host {}: no deploy-agent daemon answers there; `deploy-agent serve-stdio` does the work itself (a deploy or rollback under the host lock, as the daemon would)",
                     self.host
                 ));
             }

@@ -76,6 +76,9 @@ pub(super) struct RouteState {
     /// What the last answer over SSH said about the host: `daemon` or
     /// `in_process`.
     pub(super) served_by: Option<ServedBy>,
+    /// Whether the warning that `serve-stdio` changes the host itself (no
+    /// daemon) was given since the host was last found with a daemon.
+    pub(super) told_in_process: bool,
 }
 
 impl Route {
@@ -152,6 +155,7 @@ impl AgentClient {
             host: host.name.clone(),
             addr: host.agent.clone(),
             http,
+            tls: None,
             route: Arc::new(Route {
                 transport,
                 ssh: host.ssh.clone(),
