@@ -24,6 +24,16 @@ const VERSION: &str = concat!(
     ")"
 );
 
+/// The exit codes of `deploy` and `rollback` (README, "Exit codes").
+const EXIT_CODES: &str = "Exit codes:
+  0  success
+  1  the new release failed its health gate (or was interrupted); the previous release is serving
+  2  configuration or usage error (compose file, unknown key, bad flag); nothing changed
+  3  registry authentication failure, image not found, or registry unreachable; nothing changed
+  4  another operation holds the host lock for this project, or a fleet deployment holds the lease
+  5  the host is not ready: Docker unreachable, proxy not running, state store unusable
+  6  denied by authorization or a policy gate; nothing changed";
+
 #[derive(Parser)]
 #[command(name = "deploy-agent", version = VERSION, about = "Health-gated, zero-downtime deploys of compose projects on this host")]
 struct Cli {
@@ -52,20 +62,26 @@ enum Cmd {
     /// The control daemon: local API on STATE_DIR/agent.sock, reconciliation.
     Run,
     /// Deploy a release of a compose project.
+    #[command(after_help = EXIT_CODES)]
     Deploy(DeployArgs),
     /// Put a retained release back (default: the previous one).
+    #[command(after_help = EXIT_CODES)]
     Rollback(RollbackArgs),
     /// Which release serves each project, and its containers.
     Status {
+        /// Only this project (default: every project on this host).
         #[arg(long)]
         project: Option<String>,
+        /// The report as one JSON object.
         #[arg(long)]
         json: bool,
     },
     /// Deploys and rollbacks of a project, newest first.
     History {
+        /// The project whose operations to list.
         #[arg(long)]
         project: String,
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
@@ -83,11 +99,13 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct DeployArgs {
+    /// The project: its containers, networks and volumes carry this name.
     #[arg(long)]
     project: String,
     /// The compose file.
     #[arg(long)]
     file: PathBuf,
+    /// The release id (e.g. the commit SHA); `${RELEASE}` in the compose file.
     #[arg(long)]
     release: String,
     /// Interpolation variable, `K=V` (repeatable). `RELEASE` is set for you.
@@ -117,17 +135,23 @@ struct DeployArgs {
 
 #[derive(clap::Args)]
 struct RollbackArgs {
+    /// The project to roll back.
     #[arg(long)]
     project: String,
+    /// The retained release to put back (default: the previous good one).
     #[arg(long)]
     to: Option<String>,
+    /// Wait this long for another operation on the project to finish
+    /// (default: fail at once, naming it).
     #[arg(long, value_parser = humantime::parse_duration)]
     lock_wait: Option<std::time::Duration>,
+    /// Why (recorded in the audit log).
     #[arg(long)]
     reason: Option<String>,
     /// Also run the leaving release's `migrate.down` (code-only otherwise).
     #[arg(long)]
     migrate_down: bool,
+    /// One JSON object per line.
     #[arg(long)]
     json: bool,
 }
@@ -149,6 +173,7 @@ enum AuditCmd {
     /// Print the current head (`SEQ HASH`): keep it off the host and check
     /// against it later with `audit verify --anchor`.
     Head {
+        /// `{"seq": …, "hash": …}`.
         #[arg(long)]
         json: bool,
     },
@@ -156,13 +181,16 @@ enum AuditCmd {
     /// accept them with an audited record saying who and why (e.g. a
     /// database restored from a backup).
     Acknowledge {
+        /// The newest record of the problems to accept (`verify` names it).
         #[arg(long, value_name = "SEQ")]
         through: i64,
+        /// Why they are accepted (kept in the acknowledging record).
         #[arg(long)]
         reason: String,
     },
     /// Print records as JSON lines.
     Export {
+        /// Only this project's records (default: all of them).
         #[arg(long)]
         project: Option<String>,
     },
@@ -781,6 +809,52 @@ fn print_status(report: &StatusReport) {
         }
         for d in &p.drift {
             println!("  drift: {d}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every option of every command says what it is for.
+    #[test]
+    fn every_option_has_a_help_line() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if matches!(id, "help" | "version") || a.is_positional() {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "options without a help line: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn operations_list_their_exit_codes() {
+        let mut cli = Cli::command();
+        for name in ["deploy", "rollback"] {
+            let help = cli
+                .find_subcommand_mut(name)
+                .map(|c| c.render_long_help().to_string())
+                .unwrap_or_default();
+            assert!(
+                help.contains("Exit codes:") && help.contains("4  "),
+                "{name}:\n{help}"
+            );
         }
     }
 }

@@ -15,6 +15,17 @@ use deploy_controller::pki::{self, Kind};
 use deploy_controller::report::Reporter;
 use deploy_controller::{commands, deploy, exit};
 
+/// The exit codes of the fleet commands (README, "Exit codes").
+const EXIT_CODES: &str = "Exit codes:
+  0  success
+  1  a host failed its health gate; every updated host was rolled back
+  2  configuration or usage error (inventory, compose file, flag, certificate files); nothing changed
+  3  registry authentication failure or image not found; nothing changed
+  4  another deployment holds the environment lease
+  5  an agent could not be reached, over HTTPS or SSH, or its host is not ready
+  6  denied: a safety gate, a missing role, or the agent refused this controller's certificate
+  7  MIXED VERSIONS: the hosts do not all run one release";
+
 #[derive(Parser)]
 #[command(
     name = "deploy-controller",
@@ -50,9 +61,12 @@ enum Cmd {
         cmd: PkiCmd,
     },
     /// Deploy a release to every host of an environment.
+    #[command(after_help = EXIT_CODES)]
     Deploy(DeployArgs),
     /// Roll every host of an environment back at once.
+    #[command(after_help = EXIT_CODES)]
     Rollback {
+        /// The environment to roll back.
         #[arg(long)]
         env: String,
         /// The release to go back to (default: each host's previous one).
@@ -65,22 +79,29 @@ enum Cmd {
         /// Why (recorded in every agent's audit log).
         #[arg(long)]
         reason: Option<String>,
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
     /// Which release runs where: host × project, digests, health, drift.
+    #[command(after_help = EXIT_CODES)]
     Status {
+        /// The environment to show.
         #[arg(long)]
         env: String,
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
     /// The hosts' deploys and rollbacks, merged, newest first.
     History {
+        /// The environment whose history to merge.
         #[arg(long)]
         env: String,
+        /// At most this many entries per host.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
@@ -88,8 +109,10 @@ enum Cmd {
     /// host's audit log under this certificate's identity (it needs the
     /// `approver` role); the environment's `approvals` gate counts them.
     Approve {
+        /// The environment whose hosts record the approval.
         #[arg(long)]
         env: String,
+        /// The release being approved.
         #[arg(long)]
         release: String,
         /// Why (kept with the approval).
@@ -101,23 +124,28 @@ enum Cmd {
         /// Its private key.
         #[arg(long, requires = "cert")]
         key: Option<PathBuf>,
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
     /// DORA figures from the hosts' history: deployment frequency, change
     /// failure rate, time to restore, rollback rate.
     Dora {
+        /// The environment to measure.
         #[arg(long)]
         env: String,
         /// The period, back from now.
         #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
         since: Duration,
+        /// The figures as one JSON object.
         #[arg(long)]
         json: bool,
     },
     /// Install deploy-agent on hosts over SSH: binary (or .deb), agent.toml,
     /// certificates; start the services. Idempotent (docs/ssh.md).
+    #[command(after_help = EXIT_CODES)]
     Install {
+        /// The environment whose hosts to install.
         #[arg(long)]
         env: String,
         /// Only this host (repeatable; default: every host of the environment).
@@ -133,18 +161,22 @@ enum Cmd {
         /// Copy the files only; do not enable or start the services.
         #[arg(long)]
         no_start: bool,
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
     /// The hosts' audit records, merged, oldest first.
     Audit {
+        /// The environment whose hosts' audit logs to merge.
         #[arg(long)]
         env: String,
+        /// At most this many records per host (newest).
         #[arg(long, default_value_t = 100)]
         limit: usize,
         /// Every record, not only the environment's project.
         #[arg(long)]
         all: bool,
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
@@ -152,8 +184,10 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct DeployArgs {
+    /// The environment of the inventory to deploy to.
     #[arg(long)]
     env: String,
+    /// The release id (e.g. the commit SHA); `${RELEASE}` in the compose file.
     #[arg(long)]
     release: String,
     /// Interpolation variable `K=V` (repeatable), over the inventory's.
@@ -195,23 +229,29 @@ struct DeployArgs {
 enum PkiCmd {
     /// Create a CA (ca.pem, ca-key.pem) in DIR.
     Init {
+        /// Where the CA's certificate and key are written (keep the key secret).
         #[arg(long)]
         dir: PathBuf,
+        /// How long the CA certificate is valid, in days.
         #[arg(long, default_value_t = 3650)]
         days: u32,
     },
     /// Issue a certificate (NAME.pem, NAME-key.pem) signed by DIR's CA.
     Issue {
+        /// The CA's directory (from `pki init`); the certificate is written there.
         #[arg(long)]
         dir: PathBuf,
         /// The CN: the identity agents authorize (clients), or the agent's name.
         #[arg(long)]
         name: String,
+        /// `agent`: the server certificate of an agent's HTTPS API;
+        /// `client`: a controller's or CI job's identity.
         #[arg(long, value_enum)]
         kind: Kind,
         /// A DNS name or IP address the agent is reached at (repeatable).
         #[arg(long = "san", value_name = "HOST_OR_IP")]
         sans: Vec<String>,
+        /// How long the certificate is valid, in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
@@ -453,6 +493,46 @@ mod tests {
     #[test]
     fn the_cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Every option of every command says what it is for.
+    #[test]
+    fn every_option_has_a_help_line() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if matches!(id, "help" | "version") || a.is_positional() {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "options without a help line: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn fleet_commands_list_their_exit_codes() {
+        let mut cli = Cli::command();
+        for name in ["deploy", "rollback", "status", "install"] {
+            let help = cli
+                .find_subcommand_mut(name)
+                .map(|c| c.render_long_help().to_string())
+                .unwrap_or_default();
+            assert!(
+                help.contains("Exit codes:") && help.contains("7  "),
+                "{name}:\n{help}"
+            );
+        }
     }
 
     #[test]
