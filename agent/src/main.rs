@@ -438,9 +438,11 @@ async fn status(mut local: Local, project: Option<String>, json: bool) -> anyhow
     } else {
         print_status(&report);
     }
-    // Nothing is served without the proxy: that is not a healthy host.
+    // A release that should serve and a proxy that does not: nothing is
+    // served, and that is not a healthy host.
+    let should_serve = report.projects.iter().any(|p| p.current.is_some());
     match &report.proxy {
-        Some(p) if !p.running => Ok(exit::ENVIRONMENT),
+        Some(p) if !p.running && should_serve => Ok(exit::ENVIRONMENT),
         _ => Ok(exit::SUCCESS),
     }
 }
