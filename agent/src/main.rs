@@ -823,22 +823,7 @@ mod tests {
     /// Every option of every command says what it is for.
     #[test]
     fn every_option_has_a_help_line() {
-        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
-            for a in cmd.get_arguments() {
-                let id = a.get_id().as_str();
-                if matches!(id, "help" | "version") || a.is_positional() {
-                    continue;
-                }
-                if a.get_help().is_none() && a.get_long_help().is_none() {
-                    missing.push(format!("{path} --{id}"));
-                }
-            }
-            for sub in cmd.get_subcommands() {
-                walk(sub, &format!("{path} {}", sub.get_name()), missing);
-            }
-        }
-        let mut missing = Vec::new();
-        walk(&Cli::command(), "", &mut missing);
+        let missing = deploy_testkit::cli::options_without_help(&Cli::command());
         assert!(
             missing.is_empty(),
             "options without a help line: {missing:?}"
@@ -849,10 +834,7 @@ mod tests {
     fn operations_list_their_exit_codes() {
         let mut cli = Cli::command();
         for name in ["deploy", "rollback"] {
-            let help = cli
-                .find_subcommand_mut(name)
-                .map(|c| c.render_long_help().to_string())
-                .unwrap_or_default();
+            let help = deploy_testkit::cli::help_of(&mut cli, name);
             assert!(
                 help.contains("Exit codes:") && help.contains("4  "),
                 "{name}:\n{help}"

@@ -22,6 +22,7 @@
 //!
 //! All traffic goes to 127.0.0.1 only.
 
+pub mod cli;
 mod compose;
 mod env;
 mod harness;
