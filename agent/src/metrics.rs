@@ -19,11 +19,13 @@
 //! - webhook notifications sent and failed: counters in this process
 //!   ([`crate::notify::NOTIFICATIONS`]), like the probes;
 //! - the reconciliation loop and operations in progress: the daemon's
-//!   [`StatusBoard`].
+//!   [`StatusBoard`];
+//! - the HTTPS API's connections, open and refused or closed at a limit:
+//!   counters in this process ([`HTTPS`], counted by `api::tls`).
 
 use std::collections::BTreeMap;
 use std::fmt::{Display, Write as _};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -117,6 +119,7 @@ impl Metrics {
         self.loop_metrics(&mut t);
         probe_metrics(&mut t);
         notification_metrics(&mut t);
+        https_metrics(&mut t);
         self.proxy_metrics(&mut t).await;
         t.out
     }
@@ -436,6 +439,72 @@ fn notification_metrics(t: &mut Text) {
         ("failed", &crate::notify::NOTIFICATIONS.failed),
     ] {
         t.sample(name, &[("outcome", outcome)], c.load(Ordering::Relaxed));
+    }
+}
+
+/// The HTTPS API's connections, since the daemon started: counted by
+/// `api::tls`, here because the API depends on this module (not the other
+/// way round).
+pub static HTTPS: HttpsCounters = HttpsCounters::new();
+
+/// Why a connection was refused at a limit (`reason` label).
+pub const HTTPS_REFUSALS: [&str; 3] = ["max_connections", "max_per_identity", "no_grant"];
+/// What a connection timed out waiting for (`phase` label).
+pub const HTTPS_TIMEOUTS: [&str; 3] = ["handshake", "first_request", "idle"];
+
+pub struct HttpsCounters {
+    /// Connections open now, handshakes included.
+    pub open: AtomicU64,
+    /// By [`HTTPS_REFUSALS`].
+    pub refused: [AtomicU64; 3],
+    /// By [`HTTPS_TIMEOUTS`].
+    pub timed_out: [AtomicU64; 3],
+}
+
+impl HttpsCounters {
+    pub const fn new() -> HttpsCounters {
+        HttpsCounters {
+            open: AtomicU64::new(0),
+            refused: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+            timed_out: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+}
+
+impl Default for HttpsCounters {
+    fn default() -> Self {
+        HttpsCounters::new()
+    }
+}
+
+fn https_metrics(t: &mut Text) {
+    t.family(
+        "deploy_agent_https_connections",
+        "gauge",
+        "Connections to the HTTPS API open now, TLS handshakes included.",
+    );
+    t.sample(
+        "deploy_agent_https_connections",
+        &[],
+        HTTPS.open.load(Ordering::Relaxed),
+    );
+    let name = "deploy_agent_https_connections_refused_total";
+    t.family(
+        name,
+        "counter",
+        "HTTPS API connections refused at a limit, since the daemon started: max_connections (closed on accept), max_per_identity (answered 503), no_grant (a certificate with no role here: answered 403 once).",
+    );
+    for (reason, c) in HTTPS_REFUSALS.iter().zip(&HTTPS.refused) {
+        t.sample(name, &[("reason", reason)], c.load(Ordering::Relaxed));
+    }
+    let name = "deploy_agent_https_connections_timed_out_total";
+    t.family(
+        name,
+        "counter",
+        "HTTPS API connections closed by a timeout, since the daemon started: in the TLS handshake, waiting for a first request (or HTTP/1.1 headers), or idle (no request in flight).",
+    );
+    for (phase, c) in HTTPS_TIMEOUTS.iter().zip(&HTTPS.timed_out) {
+        t.sample(name, &[("phase", phase)], c.load(Ordering::Relaxed));
     }
 }
 

@@ -1,6 +1,7 @@
 //! Running as a service: the sd-notify protocol against a real unix datagram
 //! socket (`NOTIFY_SOCKET`), the watchdog going silent when the main loop
-//! hangs, a graceful SIGTERM, the units (`systemd-analyze verify`), a bad
+//! hangs, a graceful SIGTERM, the units (`systemd-analyze verify`, their
+//! descriptor and memory limits), a bad
 //! config's message, the Prometheus metrics, and the .deb
 //! (`packaging/test-deb.sh`).
 //!
@@ -472,6 +473,30 @@ fn systemd_analyze_verify_accepts_both_units() {
         "systemd-analyze verify: {}\n{text}",
         out.status
     );
+}
+
+/// The daemon's unit gives it room for the HTTPS API's connections and
+/// more (the largest `api_max_connections` is a quarter of it), and bounds
+/// its memory.
+#[test]
+fn the_daemon_unit_bounds_descriptors_and_memory() {
+    let text = std::fs::read_to_string(repo_root().join("systemd/deploy-agent.service"))
+        .expect("read systemd/deploy-agent.service");
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("deploy-agent.service sets no {key}="))
+            .trim()
+            .to_string()
+    };
+    let nofile: usize = value("LimitNOFILE")
+        .parse()
+        .expect("LimitNOFILE is a number");
+    assert!(
+        nofile >= 4 * deploy_agent::wire::config::MAX_API_CONNECTIONS,
+        "LimitNOFILE={nofile}"
+    );
+    assert!(value("MemoryMax").ends_with('M'), "MemoryMax in MiB");
 }
 
 #[test]

@@ -55,6 +55,20 @@ pub struct AgentConfig {
     pub environment: Option<String>,
     /// Client certificate identity (its CN) → `"deployer"` or `"reader"` here.
     pub grants: BTreeMap<String, crate::wire::Role>,
+    /// An HTTPS connection with no request in flight for this long is
+    /// closed, in seconds; a streamed answer (a deploy's progress) is in
+    /// flight however long it lasts. A connection's first request, and
+    /// every HTTP/1.1 request's headers, must arrive within the smaller of
+    /// 10 s and this.
+    pub api_idle_timeout_secs: u64,
+    /// At most this many HTTPS connections at once, handshakes included;
+    /// more are closed as soon as they are accepted. Each is a file
+    /// descriptor: keep it well below the daemon's `LimitNOFILE`.
+    pub api_max_connections: usize,
+    /// At most this many HTTPS connections at once per client certificate
+    /// identity (in effect at most `api_max_connections`); one more is
+    /// answered 503 and closed.
+    pub api_max_connections_per_identity: usize,
     /// `[notify]`: a webhook told of every deploy and rollback (see
     /// `crate::notify`). Absent: no notifications.
     pub notify: Option<NotifyConfig>,
@@ -199,6 +213,9 @@ impl Default for AgentConfig {
             tls_ca: None,
             environment: None,
             grants: BTreeMap::new(),
+            api_idle_timeout_secs: 60,
+            api_max_connections: 256,
+            api_max_connections_per_identity: 32,
             notify: None,
         }
     }
@@ -458,6 +475,11 @@ pub fn environment(cfg: &AgentConfig) -> &str {
     cfg.environment.as_deref().unwrap_or(DEFAULT_ENVIRONMENT)
 }
 
+/// The largest `api_max_connections`: a quarter of the `LimitNOFILE` the
+/// packaged unit sets, so that the HTTPS API can never take the descriptors
+/// agent.sock, the store and Docker need.
+pub const MAX_API_CONNECTIONS: usize = 16_384;
+
 /// The checks of agent.toml's TLS API keys (part of `AgentConfig::parse`).
 fn validate_api(cfg: &AgentConfig) -> Result<(), String> {
     if let Some(env) = &cfg.environment
@@ -473,6 +495,26 @@ fn validate_api(cfg: &AgentConfig) -> Result<(), String> {
                 "key `grants`: {identity:?} is not a certificate identity; use the certificate's CN, e.g. \"ci-production\""
             ));
         }
+    }
+    if !(1..=3600).contains(&cfg.api_idle_timeout_secs) {
+        return Err(format!(
+            "key `api_idle_timeout_secs`: {} is out of range: 1 to 3600 seconds",
+            cfg.api_idle_timeout_secs
+        ));
+    }
+    if !(1..=MAX_API_CONNECTIONS).contains(&cfg.api_max_connections) {
+        return Err(format!(
+            "key `api_max_connections`: {} is out of range: 1 to {MAX_API_CONNECTIONS} \
+             (each connection is a file descriptor of the daemon; keep it well below its LimitNOFILE)",
+            cfg.api_max_connections
+        ));
+    }
+    if !(1..=MAX_API_CONNECTIONS).contains(&cfg.api_max_connections_per_identity) {
+        return Err(format!(
+            "key `api_max_connections_per_identity`: {} is out of range: 1 to {MAX_API_CONNECTIONS} \
+             (more than api_max_connections has the effect of api_max_connections)",
+            cfg.api_max_connections_per_identity
+        ));
     }
     if let Some(addr) = cfg.api_listen {
         let mut missing = Vec::new();
@@ -562,6 +604,44 @@ mod tests {
         assert!(e.contains("CN"), "{e}");
         let e = cfg("api_listen = \"nowhere\"").unwrap_err();
         assert!(e.contains("api_listen"), "{e}");
+    }
+
+    #[test]
+    fn https_connection_limits_have_defaults_and_bounds() {
+        let d = AgentConfig::default();
+        assert_eq!(
+            (
+                d.api_idle_timeout_secs,
+                d.api_max_connections,
+                d.api_max_connections_per_identity
+            ),
+            (60, 256, 32)
+        );
+        let ok = cfg(
+            "api_idle_timeout_secs = 5\napi_max_connections = 10\napi_max_connections_per_identity = 10\n",
+        )
+        .unwrap();
+        assert_eq!(ok.api_idle_timeout_secs, 5);
+        assert_eq!(ok.api_max_connections_per_identity, 10);
+        let err = refusal("api_idle_timeout_secs = 0\n");
+        assert!(
+            err.contains("line 1, key `api_idle_timeout_secs`: 0 is out of range"),
+            "{err}"
+        );
+        let err = refusal("api_max_connections = 100000\n");
+        assert!(
+            err.contains("key `api_max_connections`: 100000 is out of range")
+                && err.contains("LimitNOFILE"),
+            "{err}"
+        );
+        // A total below the per-identity default needs no second key.
+        let small = cfg("api_max_connections = 8\n").unwrap();
+        assert_eq!(small.api_max_connections_per_identity, 32);
+        let err = refusal("api_max_connections = 8\napi_max_connections_per_identity = 0\n");
+        assert!(
+            err.contains("line 2, key `api_max_connections_per_identity`: 0 is out of range"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 pub mod authz;
 mod dispatch;
+pub mod limits;
 pub mod tls;
 pub mod via;
 

@@ -114,6 +114,17 @@ impl Agent {
 /// One after the other, on the calling thread: the testkit's agent
 /// processes die with the thread that started them (PR_SET_PDEATHSIG).
 pub fn start_agents(pki: &Pki, env: &str, names: &[&str], grants: &str) -> Vec<Agent> {
+    start_agents_with(pki, env, names, grants, &[])
+}
+
+/// [`start_agents`] with more lines for agent.toml.
+pub fn start_agents_with(
+    pki: &Pki,
+    env: &str,
+    names: &[&str],
+    grants: &str,
+    config: &[&str],
+) -> Vec<Agent> {
     let bin = agent_bin();
     let ca = pki.ca();
     names
@@ -122,7 +133,11 @@ pub fn start_agents(pki: &Pki, env: &str, names: &[&str], grants: &str) -> Vec<A
             let cert = pki.agent(&format!("agent-{env}-{name}"));
             let api = free_port();
             let app_port = free_port();
-            let harness = Harness::builder(bin.clone())
+            let mut builder = Harness::builder(bin.clone());
+            for line in config {
+                builder = builder.config_line(line);
+            }
+            let harness = builder
                 .config_line(&format!("api_listen = \"127.0.0.1:{api}\""))
                 .config_line(&format!("tls_cert = \"{}\"", cert.cert.display()))
                 .config_line(&format!("tls_key = \"{}\"", cert.key.display()))
