@@ -36,7 +36,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# load PORT SECONDS_MAX -> starts the loop in the background; stop_load prints "requests failed"
+# load PORT SECONDS_MAX -> starts the loop in the background; stop_load writes
+# "requests failed requests/s" (the rate reached: the tests do not ask for one)
 start_load() {
     "$LOAD" --port "$1" --rate "$RATE" --max-seconds 300 >"$WORK/load.out" 2>&1 &
     LOAD_PID=$!
@@ -49,7 +50,7 @@ stop_load() {
 import json, sys
 line = [l for l in open(sys.argv[1]) if l.startswith("{")][-1]
 j = json.loads(line)
-print(j["requests"], j["failed"])
+print(j["requests"], j["failed"], round(j["rate"]))
 EOF
 }
 ms_since() { echo $((($(date +%s%N) - $1) / 1000000)); }
@@ -82,7 +83,7 @@ t=$(date +%s%N)
 "$AGENT" rollback --project bench >/dev/null
 ours_rollback_ms=$(ms_since "$t")
 stop_load
-    read -r ours_req ours_failed <"$WORK/load.res"
+    read -r ours_req ours_failed ours_rate <"$WORK/load.res"
 # App start-up on its own: create + start + first healthy probe of the same image.
 t=$(date +%s%N)
 cid=$(docker run -d --rm $REG/demo:v2)
@@ -140,7 +141,7 @@ until curl -fsS -o /dev/null http://127.0.0.1:18181/health 2>/dev/null; do sleep
 compose_ms=$(ms_since "$t")
 sleep 2
 stop_load
-    read -r compose_req compose_failed <"$WORK/load.res"
+    read -r compose_req compose_failed _ <"$WORK/load.res"
 (cd "$WORK/compose" && docker-compose -p benchcompose down -t 1 >/dev/null 2>&1)
 
 # ---------------------------------------------------------------- swarm
@@ -162,13 +163,13 @@ if docker info --format '{{.Swarm.LocalNodeState}}' | grep -q inactive &&
     swarm_ms=$(ms_since "$t")
     sleep 2
     stop_load
-    read -r swarm_req swarm_failed <"$WORK/load.res"
+    read -r swarm_req swarm_failed _ <"$WORK/load.res"
     swarm_row="| Docker Swarm rolling update (start-first) | $swarm_failed of $swarm_req | $swarm_ms ms | none (manual \`docker service rollback\`) |"
     fi
 fi
 
 table=$(cat <<EOF
-Measured $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, Docker $(docker version -f '{{.Server.Version}}'), load ${RATE} req/s (keep-alive and new connections) on 127.0.0.1, image: static busybox httpd.
+Measured $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, Docker $(docker version -f '{{.Server.Version}}'), load ${RATE} req/s offered (keep-alive and new connections; ${ours_rate} req/s reached through deploy-agent's proxy) on 127.0.0.1, image: static busybox httpd behind tcpserve.
 
 | peer | failed requests during v1→v2 | time of the update | rollback |
 |---|---|---|---|

@@ -66,14 +66,10 @@ fn a_release_that_turns_unhealthy_in_the_window_is_rolled_back_by_itself() {
     eprintln!("{}", report.summary());
     assert_rolled_back(&h, &out, port, &["observe", "consecutive probe failures"]);
     // Every request was answered by a healthy release: the broken app's own
-    // /health was the only thing that failed (the load asks for `/`).
-    report.assert_zero_failures();
-    assert_eq!(
-        report.bodies_in_order(),
-        ["v1", "sick", "v1"],
-        "{}",
-        report.summary()
-    );
+    // /health was the only thing that failed (the load asks for `/`). The
+    // switch and the switch back happened once each (requests in flight at
+    // either may be answered by both sides of it, in any order).
+    report.assert_clean(&["v1", "sick", "v1"]);
     let history = h.history(PROJECT);
     assert_eq!(history[0]["outcome"], "health_gate_failed", "{history:?}");
 }

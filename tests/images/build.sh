@@ -6,7 +6,7 @@
 #   127.0.0.1:5000/demo:v1     healthy: GET / -> "v1\n", GET /health -> 200 "ok",
 #                              GET /cgi-bin/slow -> 200 "v1\n" after 2 s
 #   127.0.0.1:5000/demo:v2     the same, release "v2"
-#   127.0.0.1:5000/demo:v3     broken: a server runs on port 80 (busybox nc), but every
+#   127.0.0.1:5000/demo:v3     broken: a server runs on port 80, but every
 #                              request (/ and /health included) answers 500
 #   127.0.0.1:5000/demo:crash  serves like a healthy release ("crash\n") for ~5 s, then exits 1
 #   127.0.0.1:5000/demo:noport no network service at all (a worker: sleeps)
@@ -16,6 +16,11 @@
 #   127.0.0.1:5001/private:v1  = demo:v1, behind basic auth; never pulled with
 #                              good credentials by the tests, so that a pull
 #                              without them cannot be served from a local copy
+#
+# Every server in them listens through /bin/tcpserve (files/tcpserve.rs, built
+# here with the workspace's rustc, statically linked): busybox httpd's own
+# listen backlog is 9 and nc's is 1, which overflow when the host's CPUs are
+# busy and cost a request a one-second SYN retransmission (see tcpserve.rs).
 #
 # Idempotent: an image is rebuilt only when its build inputs (this script,
 # files/, the busybox binary) changed; pushes of unchanged images are no-ops.
@@ -31,6 +36,9 @@ BUSYBOX="${BUSYBOX:-/bin/busybox}"
 IMAGES="v1 v2 v3 crash noport sick flaky"
 
 die() { echo "tests/images/build.sh: $*" >&2; exit 1; }
+
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
 
 [ -x "$BUSYBOX" ] || die "$BUSYBOX not found: install busybox-static (apt-get install busybox-static)"
 if ldd "$BUSYBOX" >/dev/null 2>&1; then
@@ -48,6 +56,20 @@ inputs_hash() {
 }
 HASH="$(inputs_hash)"
 
+# The images' TCP server, built once per run, when an image needs it.
+TCPSERVE="$WORK/tcpserve"
+build_tcpserve() {
+    [ -x "$TCPSERVE" ] && return
+    command -v rustc >/dev/null || die "rustc not found: the images' tcpserve is built with the Rust toolchain that builds this workspace"
+    rustc --edition 2024 -O -C panic=abort -C strip=symbols \
+        -C target-feature=+crt-static -C relocation-model=static \
+        -o "$TCPSERVE" "$HERE/files/tcpserve.rs" ||
+        die "cannot build files/tcpserve.rs as a static binary (it needs glibc's static libraries: apt-get install libc6-dev)"
+    if ldd "$TCPSERVE" >/dev/null 2>&1; then
+        die "files/tcpserve.rs was linked dynamically; the images need a static binary"
+    fi
+}
+
 # make_rootfs DIR NAME: the root filesystem of demo:NAME.
 make_rootfs() {
     local root="$1" name="$2"
@@ -61,6 +83,7 @@ make_rootfs() {
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$root/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
     install -m 0755 "$HERE/files/slow.cgi" "$root/www/cgi-bin/slow"
+    install -m 0755 "$TCPSERVE" "$root/bin/tcpserve"
     local start=start-httpd
     case "$name" in
         v1 | v2)
@@ -110,6 +133,7 @@ build_one() {
     fi
     local old root
     old="$(docker image inspect --format '{{.Id}}' "$ref" 2>/dev/null || true)"
+    build_tcpserve
     root="$(mktemp -d)"
     make_rootfs "$root" "$name"
     local expose=(--change 'EXPOSE 80')
@@ -140,8 +164,8 @@ if [ "${SKIP_AUTH_REGISTRY:-0}" != 1 ]; then
     # Log in with a throw-away Docker config: the user's ~/.docker/config.json
     # must not learn these credentials (the tests expect a pull without them
     # to fail).
-    tmpcfg="$(mktemp -d)"
-    trap 'rm -rf "$tmpcfg"' EXIT
+    tmpcfg="$WORK/docker-config"
+    mkdir "$tmpcfg"
     if ! printf '%s' "$AUTH_PASSWORD" | DOCKER_CONFIG="$tmpcfg" docker login --username "$AUTH_USER" --password-stdin "$AUTH_REGISTRY" >"$tmpcfg/login.log" 2>&1; then
         cat "$tmpcfg/login.log" >&2
         die "docker login to $AUTH_REGISTRY failed"

@@ -41,5 +41,5 @@ pub use harness::{
     TamperedRecord, docker, free_port, image_id, wait_all, wait_sigterm_trap, wait_until,
 };
 pub use http::{HttpResponse, http_get};
-pub use load::{LoadConfig, LoadLoop, LoadReport, MIN_RATE, Mode, Record, SWITCH_TOLERANCE};
+pub use load::{LoadConfig, LoadLoop, LoadReport, MIN_REQUESTS, Mode, Record, Reordered, Sequence};
 pub use registry::PrivateRegistry;

