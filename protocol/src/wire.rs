@@ -581,10 +581,10 @@ pub struct ReleaseInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StdioRequest {
-    pub op: StdioOp,
+    pub op: crate::ops::Op,
     /// The op's request, as the HTTPS API takes it: a [`DeployRequest`],
     /// [`RollbackRequest`], [`PullRequest`], [`LeaseRequest`],
-    /// [`GiveUpLeaseRequest`], or a [`StdioQuery`] for reads; `null` for `ping`
+    /// [`GiveUpLeaseRequest`], or a [`Query`](crate::ops::Query) for reads; `null` for `ping`
     /// and `lock_status`.
     #[serde(default)]
     pub request: serde_json::Value,
@@ -593,13 +593,6 @@ pub struct StdioRequest {
     #[serde(default)]
     pub caller: StdioCaller,
 }
-
-/// The operations of `serve-stdio`: the operation table's ops offered
-/// over SSH.
-pub type StdioOp = crate::ops::Op;
-
-/// The query of a read op (`status`, `history`, `audit`, `release`).
-pub type StdioQuery = crate::ops::Query;
 
 /// What the controller says about itself in a `serve-stdio` request.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

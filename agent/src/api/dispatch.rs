@@ -166,23 +166,3 @@ impl Api {
         Answer::Events(rx)
     }
 }
-
-/// The event pump: hands every event of a streamed answer to `on_event`
-/// as it comes, and returns the result (`None` if the stream ended
-/// without one). `on_event` returning `false` stops reading; the operation
-/// carries on by itself.
-pub async fn pump(
-    mut events: mpsc::UnboundedReceiver<Event>,
-    mut on_event: impl FnMut(&Event) -> bool,
-) -> Option<OperationResult> {
-    while let Some(e) = events.recv().await {
-        let go_on = on_event(&e);
-        if let Event::Result(r) = e {
-            return Some(r);
-        }
-        if !go_on {
-            return None;
-        }
-    }
-    None
-}

@@ -35,7 +35,7 @@ use deploy_protocol::ops::{Input, Method, OPERATIONS};
 use deploy_protocol::{Caller, Op, jsonl};
 use tokio::net::UnixListener;
 
-pub use dispatch::{Answer, Api, pump, typed};
+pub use dispatch::{Answer, Api, typed};
 
 use crate::engine::OpError;
 use crate::wire::{ApiError, Outcome};
